@@ -1,0 +1,289 @@
+"""Typed run configuration.
+
+A YAML file (see ``configs/default.yaml``) is loaded into :class:`Config`, a
+pydantic model with one section per stage. Unknown keys and wrong types are
+rejected with a :class:`~pipeline.errors.ConfigError` that names the key path,
+the value given and the allowed values. Every field has a default and a help
+text; ``docs/config.schema.json`` is the exported JSON schema.
+
+Adding a stage adds one section model here and one field on :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Contrast",
+    "DesignConfig",
+    "IngestConfig",
+    "config_digest",
+    "config_json_schema",
+    "dump_config",
+    "load_config",
+    "section_digest",
+]
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _parse_contrast(value: Any) -> Any:
+    """Accept ``"acute vs baseline"`` as shorthand for ``{test: acute, reference: baseline}``."""
+    if isinstance(value, str):
+        parts = value.split(" vs ")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise ValueError(
+                f"contrast {value!r} must read '<timepoint> vs <reference timepoint>', "
+                "e.g. 'longterm vs baseline'"
+            )
+        return {"test": parts[0].strip(), "reference": parts[1].strip()}
+    return value
+
+
+class Contrast(_Section):
+    """One comparison between two timepoint levels (test minus reference)."""
+
+    test: str = Field(description="Timepoint level compared against the reference.")
+    reference: str = Field(description="Reference timepoint level (usually the baseline).")
+
+    @property
+    def name(self) -> str:
+        """Identifier used in table rows and file names, e.g. ``acute_vs_baseline``."""
+        return f"{self.test}_vs_{self.reference}"
+
+    def __str__(self) -> str:
+        return f"{self.test} vs {self.reference}"
+
+
+ContrastSpec = Annotated[Contrast, BeforeValidator(_parse_contrast)]
+
+
+class DesignConfig(_Section):
+    """The study design: timepoint levels in order, the baseline and the contrasts tested."""
+
+    timepoints: list[str] = Field(
+        default=["baseline", "acute", "longterm"],
+        min_length=2,
+        description="Timepoint levels in temporal order; sample sheet values must be among them.",
+    )
+    baseline: str = Field(
+        default="baseline",
+        description="The reference level: donors without it are warned about and dropped from paired tests.",
+    )
+    contrasts: list[ContrastSpec] = Field(
+        default_factory=lambda: [
+            Contrast(test="acute", reference="baseline"),
+            Contrast(test="longterm", reference="baseline"),
+        ],
+        min_length=1,
+        description="Comparisons to test, each '<test> vs <reference>' (or a mapping with test and reference).",
+    )
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> DesignConfig:
+        levels = self.timepoints
+        dup = sorted({t for t in levels if levels.count(t) > 1})
+        if dup:
+            raise ValueError(f"timepoints must be unique; repeated: {dup}")
+        if any(not t.strip() for t in levels):
+            raise ValueError("timepoints must be non-empty strings")
+        if self.baseline not in levels:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the timepoints {levels}")
+        seen: set[tuple[str, str]] = set()
+        for c in self.contrasts:
+            for level in (c.test, c.reference):
+                if level not in levels:
+                    raise ValueError(
+                        f"contrast '{c}' uses {level!r}, which is not one of the timepoints {levels}"
+                    )
+            if c.test == c.reference:
+                raise ValueError(f"contrast '{c}' compares a timepoint with itself")
+            if (c.test, c.reference) in seen:
+                raise ValueError(f"contrast '{c}' is listed twice")
+            seen.add((c.test, c.reference))
+        return self
+
+
+class IngestConfig(_Section):
+    """How per-sample count files are read and merged."""
+
+    gene_policy: Literal["inner", "outer"] = Field(
+        default="inner",
+        description=(
+            "Samples whose gene sets differ: 'inner' keeps the genes all samples share, "
+            "'outer' keeps the union (absent genes count 0 in samples that lack them)."
+        ),
+    )
+    min_shared_genes: int = Field(
+        default=200,
+        ge=1,
+        description="Error when fewer genes than this are shared by all samples (a sign of mixed references or species).",
+    )
+    missing_baseline: Literal["warn", "error"] = Field(
+        default="warn",
+        description="A donor with no baseline sample: warn (paired tests drop it later) or stop.",
+    )
+    min_cells_per_sample: int = Field(
+        default=1,
+        ge=1,
+        description="A sample file with fewer cells than this is an error naming the file.",
+    )
+
+
+class Config(_Section):
+    """A complete immuneage run configuration."""
+
+    seed: int = Field(default=0, ge=0, description="Seed for every random step (HVG ties, PCA, scVI, ...).")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="Where array work runs: 'gpu' requires a usable CUDA device (an error otherwise), 'auto' uses one when present.",
+    )
+    design: DesignConfig = Field(default_factory=DesignConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names valid at ``loc`` (the parent of an unknown key), or None if not a model."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        nested = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = nested[0] if nested else annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  - {path}: unknown key{hint}")
+            continue
+        given = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  - {path}: {msg}{shown}")
+    lines.append("Fix these keys (see docs/config.md and docs/config.schema.json), then run again.")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a YAML configuration.
+
+    Parameters
+    ----------
+    path
+        YAML file. ``None`` gives the defaults (identical to ``configs/default.yaml``).
+    overrides
+        Nested mapping merged over the file's content before validation.
+
+    Returns
+    -------
+    The validated :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not YAML, or holds unknown keys or invalid values.
+    """
+    data: dict[str, Any] = {}
+    source = "the default configuration"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not a UTF-8 text file") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {p} must hold a mapping of sections (seed, device, design, ...), "
+                f"not a {type(loaded).__name__}"
+            )
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def section_digest(cfg: Config, *sections: str) -> str:
+    """SHA-256 of the named sections' values (what a stage's stamp records)."""
+    dumped = cfg.model_dump(mode="json")
+    payload = {name: dumped[name] for name in sections}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+def config_digest(cfg: Config) -> str:
+    """SHA-256 of the whole configuration."""
+    return hashlib.sha256(_canonical(cfg.model_dump(mode="json")).encode()).hexdigest()
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`Config` (exported to ``docs/config.schema.json``)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "immuneage configuration"
+    return schema
+
+
+def dump_config(cfg: Config) -> str:
+    """The configuration as YAML (keys in schema order)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,33 @@
+"""The one place for AnnData key names used by stages, the runner and the report.
+
+Follows scverse conventions: raw counts in ``layers["counts"]``, metadata in
+``obs``, the scVI latent in ``obsm["X_scVI"]``, run information in
+``uns["immuneage"]``.
+"""
+
+from __future__ import annotations
+
+# layers
+COUNTS = "counts"
+
+# obs columns written by ingest
+SAMPLE = "sample"
+DONOR = "donor"
+TIMEPOINT = "timepoint"
+BARCODE = "barcode"
+#: Columns every sample sheet must have, in this order.
+SHEET_REQUIRED = (SAMPLE, DONOR, TIMEPOINT, "path")
+
+# var columns
+GENE_IDS = "gene_ids"
+FEATURE_TYPES = "feature_types"
+#: var column: the symbol as it was in the input, before de-duplication.
+GENE_SYMBOL_ORIGINAL = "gene_symbol_original"
+
+# uns
+UNS = "immuneage"
+
+# obsm (later stages)
+X_PCA = "X_pca"
+X_SCVI = "X_scVI"
+X_UMAP = "X_umap"
