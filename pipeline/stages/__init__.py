@@ -1,0 +1,48 @@
+"""The pipeline's stages, in run order.
+
+Each stage is a module with pure functions over AnnData and the config; the
+runner (:mod:`pipeline.runner`) owns reading, writing, stamps and provenance.
+Adding a stage = one module, one config section, one entry in :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+from ._base import StageResult, StageSpec
+
+__all__ = ["STAGES", "StageResult", "StageSpec", "get_stage", "stage_names"]
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        name="ingest",
+        summary="read each sample's counts (h5ad, 10x h5, 10x mtx), validate, merge into one AnnData",
+        module="pipeline.stages.ingest",
+        sample_func="ingest_sample",
+        func="merge_samples",
+        inputs=(),
+        sections=("design", "ingest"),
+        outputs=(
+            "ingest/samples/<sample>.h5ad",
+            "ingest/ingest.h5ad",
+            "tables/ingest_samples.tsv",
+        ),
+    ),
+)
+
+
+def stage_names() -> list[str]:
+    """Names of all stages in run order."""
+    return [s.name for s in STAGES]
+
+
+def get_stage(name: str) -> StageSpec:
+    """The stage called ``name``.
+
+    Raises
+    ------
+    ValueError
+        No such stage (the message lists the valid names).
+    """
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(stage_names())}")

@@ -1,0 +1,63 @@
+"""What every stage declares and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+__all__ = ["StageResult", "StageSpec"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Declaration of one stage: what it reads, which config it depends on, what it writes.
+
+    Attributes
+    ----------
+    name
+        Stage name (also its artifact directory and ``--stage`` value).
+    summary
+        One line for ``immuneage stages``.
+    module
+        Module holding the stage's pure functions (imported lazily).
+    func
+        Whole-cohort function ``func(adata | list[AnnData], cfg, *, device) -> AnnData | StageResult``.
+    inputs
+        Upstream stages whose artifacts this stage reads.
+    sections
+        Config sections whose values are hashed into the stamp.
+    outputs
+        Files written, relative to the output directory (for documentation).
+    sample_func
+        For per-sample stages: ``sample_func(row, cfg) -> AnnData`` run once per
+        sample (one Slurm array task each); ``func`` then merges the samples.
+    """
+
+    name: str
+    summary: str
+    module: str
+    func: str
+    inputs: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    sample_func: str | None = None
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether the stage runs one unit per sample before a merge."""
+        return self.sample_func is not None
+
+
+@dataclass
+class StageResult:
+    """A stage's outputs: the AnnData handed downstream and named result tables.
+
+    Tables are written by the runner to ``<outdir>/tables/<name>.tsv``.
+    """
+
+    adata: AnnData
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
