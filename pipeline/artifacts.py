@@ -29,8 +29,8 @@ import pandas as pd
 from anndata import AnnData
 
 __all__ = [
-    "Stamp",
     "TMP_MARKER",
+    "Stamp",
     "atomic_path",
     "file_sha256",
     "path_sha256",

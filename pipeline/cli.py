@@ -35,15 +35,39 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .stages import stage_names
 
     names = stage_names()
-    p.add_argument("--samplesheet", required=True, type=Path, help="CSV: sample, donor, timepoint, path (+ extra columns)")
-    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults = configs/default.yaml)")
-    p.add_argument("--outdir", required=True, type=Path, help="output directory (resumed if it holds an earlier run)")
+    p.add_argument(
+        "--samplesheet",
+        required=True,
+        type=Path,
+        help="CSV: sample, donor, timepoint, path (+ extra columns)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: built-in defaults = configs/default.yaml)",
+    )
+    p.add_argument(
+        "--outdir",
+        required=True,
+        type=Path,
+        help="output directory (resumed if it holds an earlier run)",
+    )
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--stage", choices=names, help="run only this stage (its upstream stages must be done)")
+    sel.add_argument(
+        "--stage", choices=names, help="run only this stage (its upstream stages must be done)"
+    )
     sel.add_argument("--until", choices=names, help="run all stages up to and including this one")
-    p.add_argument("--from", dest="from_stage", choices=names, help="re-run this stage and all later ones")
-    p.add_argument("--force", action="store_true", help="re-run every selected stage even if up to date")
-    p.add_argument("--sample", help="with --stage of a per-sample stage: process only this sample (Slurm array task)")
+    p.add_argument(
+        "--from", dest="from_stage", choices=names, help="re-run this stage and all later ones"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="re-run every selected stage even if up to date"
+    )
+    p.add_argument(
+        "--sample",
+        help="with --stage of a per-sample stage: process only this sample (Slurm array task)",
+    )
     p.add_argument("--quiet", action="store_true", help="only warnings and errors (for batch logs)")
 
 
@@ -56,27 +80,67 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p_run = sub.add_parser("run", help="run the pipeline on a sample sheet", description="Run the pipeline; stages whose stamps are current are skipped (resume).")
+    p_run = sub.add_parser(
+        "run",
+        help="run the pipeline on a sample sheet",
+        description="Run the pipeline; stages whose stamps are current are skipped (resume).",
+    )
     _add_run_args(p_run)
 
-    p_demo = sub.add_parser("demo", help="generate the built-in demo cohort and run the pipeline on it", description="Write the synthetic demo cohort (13 donors x 3 timepoints, planted truth) under OUTDIR/cohort and run the pipeline into OUTDIR/results.")
-    p_demo.add_argument("--outdir", type=Path, default=Path("immuneage_demo"), help="where the cohort and the results go (default: ./immuneage_demo)")
-    p_demo.add_argument("--size", choices=["ci", "default", "large"], default="default", help="cohort size: ci (~3k cells), default (~30k), large (--n-cells)")
+    p_demo = sub.add_parser(
+        "demo",
+        help="generate the built-in demo cohort and run the pipeline on it",
+        description="Write the synthetic demo cohort (13 donors x 3 timepoints, planted truth) under OUTDIR/cohort and run the pipeline into OUTDIR/results.",
+    )
+    p_demo.add_argument(
+        "--outdir",
+        type=Path,
+        default=Path("immuneage_demo"),
+        help="where the cohort and the results go (default: ./immuneage_demo)",
+    )
+    p_demo.add_argument(
+        "--size",
+        choices=["ci", "default", "large"],
+        default="default",
+        help="cohort size: ci (~3k cells), default (~30k), large (--n-cells)",
+    )
     p_demo.add_argument("--n-cells", type=int, default=None, help="total cells for --size large")
     p_demo.add_argument("--seed", type=int, default=0, help="seed of the cohort generator")
-    p_demo.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in demo config = configs/demo.yaml)")
+    p_demo.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: the built-in demo config = configs/demo.yaml)",
+    )
     p_demo.add_argument("--no-run", action="store_true", help="only write the cohort")
     p_demo.add_argument("--quiet", action="store_true", help="only warnings and errors")
 
-    p_val = sub.add_parser("validate", help="check a sample sheet, config and counts files without running anything", description="Fast checks of the sheet, the config and each file's structure (no matrix is loaded).")
+    p_val = sub.add_parser(
+        "validate",
+        help="check a sample sheet, config and counts files without running anything",
+        description="Fast checks of the sheet, the config and each file's structure (no matrix is loaded).",
+    )
     p_val.add_argument("--samplesheet", required=True, type=Path)
     p_val.add_argument("--config", type=Path, default=None)
     p_val.add_argument("--quiet", action="store_true")
 
-    sub.add_parser("stages", help="list the stages in run order", description="List the stages, their inputs, config sections and outputs.")
+    sub.add_parser(
+        "stages",
+        help="list the stages in run order",
+        description="List the stages, their inputs, config sections and outputs.",
+    )
 
-    p_cfg = sub.add_parser("config", help="print the effective config or its JSON schema", description="Print a config after validation (defaults filled in), or the JSON schema.")
-    p_cfg.add_argument("--config", type=Path, default=None, help="YAML to validate and print (default: the defaults)")
+    p_cfg = sub.add_parser(
+        "config",
+        help="print the effective config or its JSON schema",
+        description="Print a config after validation (defaults filled in), or the JSON schema.",
+    )
+    p_cfg.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML to validate and print (default: the defaults)",
+    )
     p_cfg.add_argument("--demo", action="store_true", help="print the demo config")
     p_cfg.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     return parser
@@ -87,7 +151,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .runner import Runner
 
     cfg = load_config(args.config)
-    runner = Runner(args.samplesheet, cfg, args.outdir, config_path=args.config, argv=["immuneage", *argv])
+    runner = Runner(
+        args.samplesheet, cfg, args.outdir, config_path=args.config, argv=["immuneage", *argv]
+    )
     summary = runner.run(
         stage=args.stage,
         until=args.until,
@@ -122,8 +188,10 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     reuse = False
     if truth.exists():
         meta = json.loads(truth.read_text())
-        reuse = meta.get("size") == args.size and meta.get("seed") == args.seed and (
-            args.n_cells is None or meta.get("n_cells_requested") == args.n_cells
+        reuse = (
+            meta.get("size") == args.size
+            and meta.get("seed") == args.seed
+            and (args.n_cells is None or meta.get("n_cells_requested") == args.n_cells)
         )
     if reuse:
         log.info("reusing the demo cohort in %s", cohort_dir)
@@ -132,12 +200,16 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
         t0 = time.perf_counter()
         cohort = demo_cohort(cohort_dir, size=args.size, seed=args.seed, n_cells=args.n_cells)
         sheet = cohort.samplesheet
-        log.info("demo cohort (%s cells) written in %.1f s", cohort.n_cells, time.perf_counter() - t0)
+        log.info(
+            "demo cohort (%s cells) written in %.1f s", cohort.n_cells, time.perf_counter() - t0
+        )
     print(f"demo cohort: {cohort_dir} (sample sheet {sheet}, planted truth {truth})")
     if args.no_run:
         return 0
     cfg = load_config(args.config) if args.config else demo_config()
-    runner = Runner(sheet, cfg, outdir / "results", config_path=args.config, argv=["immuneage", *argv])
+    runner = Runner(
+        sheet, cfg, outdir / "results", config_path=args.config, argv=["immuneage", *argv]
+    )
     _print_summary(runner.run())
     return 0
 
@@ -167,7 +239,9 @@ def _cmd_stages() -> int:
     for i, s in enumerate(STAGES, 1):
         kind = "per sample, then merged" if s.per_sample else "whole cohort"
         print(f"{i}. {s.name}: {s.summary}")
-        print(f"   runs: {kind}; reads: {', '.join(s.inputs) or 'the sample sheet'}; config: {', '.join(s.sections) or '-'}")
+        print(
+            f"   runs: {kind}; reads: {', '.join(s.inputs) or 'the sample sheet'}; config: {', '.join(s.sections) or '-'}"
+        )
         print(f"   writes: {', '.join(s.outputs)}")
     return 0
 

@@ -33,8 +33,8 @@ __all__ = [
     "Contrast",
     "DesignConfig",
     "IngestConfig",
-    "config_digest",
     "commented_yaml",
+    "config_digest",
     "config_json_schema",
     "demo_config",
     "dump_config",
@@ -155,7 +155,9 @@ class IngestConfig(_Section):
 class Config(_Section):
     """A complete immuneage run configuration."""
 
-    seed: int = Field(default=0, ge=0, description="Seed for every random step (HVG ties, PCA, scVI, ...).")
+    seed: int = Field(
+        default=0, ge=0, description="Seed for every random step (HVG ties, PCA, scVI, ...)."
+    )
     device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
         description="Where array work runs: 'gpu' requires a usable CUDA device (an error otherwise), 'auto' uses one when present.",
@@ -177,7 +179,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
             return None
         annotation = field.annotation
         args = getattr(annotation, "__args__", ())
-        nested = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [
+            a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         current = nested[0] if nested else annotation
     if isinstance(current, type) and issubclass(current, BaseModel):
         return sorted(current.model_fields)
@@ -227,7 +231,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+            raise ConfigError(
+                f"config file {p} does not exist; pass an existing YAML file to --config"
+            )
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:

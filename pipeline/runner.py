@@ -338,7 +338,9 @@ class Runner:
 
     def _is_current(self, expected: Stamp, artifact: Path) -> bool:
         have = read_stamp(stamp_path(artifact))
-        return have is not None and have.key() == expected.key() and have.outputs_present(self.outdir)
+        return (
+            have is not None and have.key() == expected.key() and have.outputs_present(self.outdir)
+        )
 
     def _execute(
         self,
@@ -382,13 +384,13 @@ class Runner:
         }
         write_json_atomic(stamp_path(artifact), expected.to_json())
         self._track([*written, stamp_path(artifact)], existed)
-        log.info(
-            "%s: done in %.1f s (peak RSS %.0f MB)", label, meter.wall_s, meter.peak_rss_mb
-        )
+        log.info("%s: done in %.1f s (peak RSS %.0f MB)", label, meter.wall_s, meter.peak_rss_mb)
         return written
 
     # ------------------------------------------------------------------ stages
-    def _run_stage(self, spec: StageSpec, *, force: bool, sample: str | None) -> tuple[str, list[Path]]:
+    def _run_stage(
+        self, spec: StageSpec, *, force: bool, sample: str | None
+    ) -> tuple[str, list[Path]]:
         if spec.per_sample:
             return self._run_per_sample(spec, force=force, only=sample)
         return self._run_cohort(spec, force=force)
@@ -424,11 +426,14 @@ class Runner:
         rows = [r for r in sheet.rows if only is None or r.sample == only]
         for i, row in enumerate(rows, 1):
             artifact = self._unit_artifact(spec, row.sample)
-            expected = Stamp(spec.name, row.sample, __version__, self._sample_inputs(spec, row), cfg_digest)
+            expected = Stamp(
+                spec.name, row.sample, __version__, self._sample_inputs(spec, row), cfg_digest
+            )
             label = f"{spec.name} [{i}/{len(rows)}] {row.sample}"
             if not force and self._is_current(expected, artifact):
                 log.info("%s: up to date", label)
             else:
+
                 def compute(row: Any = row) -> StageResult:
                     return StageResult(sample_func(row, self.cfg))
 

@@ -79,7 +79,10 @@ def write_10x_h5(adata: AnnData, path: str | Path, *, genome: str = "GRCh38") ->
 def _write_text(path: Path, text: str, compress: bool) -> None:
     data = text.encode()
     if compress:
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        ):
             gz.write(data)
     else:
         path.write_bytes(data)

@@ -1,0 +1,260 @@
+"""Runner: stamps, resume, forced re-runs, atomicity, locking, clean failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tree_checksums, write_cohort
+
+from pipeline.artifacts import atomic_path, read_stamp, remove_stale_temporaries, stamp_path
+from pipeline.config import load_config
+from pipeline.errors import InputError, LockError
+from pipeline.lock import outdir_lock
+from pipeline.runner import Runner
+
+SAMPLES = [f"{d}_{t}" for d in ("D1", "D2", "D3") for t in ("baseline", "acute", "longterm")]
+
+
+def _run(sheet: Path, outdir: Path, **kw):
+    return Runner(sheet, load_config(None), outdir).run(**kw)
+
+
+def _same_adata(a: ad.AnnData, b: ad.AnnData) -> None:
+    assert list(a.obs_names) == list(b.obs_names)
+    assert list(a.var_names) == list(b.var_names)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert (a.layers["counts"] != b.layers["counts"]).nnz == 0
+
+
+def test_run_writes_artifacts_stamps_and_provenance(cohort, tmp_path):
+    out = tmp_path / "out"
+    summary = _run(cohort, out)
+    assert summary.stages == {"ingest": "ran"}
+    merged = out / "ingest" / "ingest.h5ad"
+    st = read_stamp(stamp_path(merged))
+    assert st is not None and st.outputs_present(out)
+    for s in SAMPLES:
+        assert (out / "ingest" / "samples" / f"{s}.h5ad").is_file()
+    a = ad.read_h5ad(merged)
+    assert a.n_obs == sum(30 + k for k in range(9))
+    assert a.uns["immuneage"]["version"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seed"] == 0
+    assert prov["device"]["resolved"] == "cpu"
+    assert [i["sample"] for i in prov["inputs"]] == SAMPLES
+    assert all(len(i["sha256"]) == 64 for i in prov["inputs"])
+    assert prov["stages"]["ingest"]["wall_s"] >= 0
+    assert prov["stages"]["ingest"]["peak_rss_mb"] > 0
+    assert set(prov["stages"]["ingest"]["units"]) == set(SAMPLES)
+    assert prov["packages"]["anndata"]
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_rerun_skips_and_changes_rerun_only_what_changed(cohort, tmp_path):
+    out = tmp_path / "out"
+    _run(cohort, out)
+    merged = out / "ingest" / "ingest.h5ad"
+    mtime = merged.stat().st_mtime_ns
+    assert _run(cohort, out).stages == {"ingest": "up to date"}
+    assert merged.stat().st_mtime_ns == mtime
+
+    # touching a file without changing its bytes: re-hashed, nothing re-run
+    src = cohort.parent / "data" / "D1_baseline.h5ad"
+    os.utime(src, ns=(time.time_ns(), time.time_ns()))
+    assert _run(cohort, out).stages == {"ingest": "up to date"}
+
+    # changing one sample's metadata re-runs that sample and the merge only
+    unit = out / "ingest" / "samples"
+    before = {s: (unit / f"{s}.h5ad").stat().st_mtime_ns for s in SAMPLES}
+    sheet = pd.read_csv(cohort, dtype=str)
+    sheet.loc[sheet["sample"] == "D2_acute", "age"] = "99"
+    sheet.to_csv(cohort, index=False)
+    assert _run(cohort, out).stages == {"ingest": "ran"}
+    after = {s: (unit / f"{s}.h5ad").stat().st_mtime_ns for s in SAMPLES}
+    assert [s for s in SAMPLES if before[s] != after[s]] == ["D2_acute"]
+    a = ad.read_h5ad(merged)
+    assert set(a.obs.loc[a.obs["sample"] == "D2_acute", "age"]) == {"99"}
+
+
+def test_force_and_from_rerun(cohort, tmp_path):
+    out = tmp_path / "out"
+    _run(cohort, out)
+    assert _run(cohort, out, force=True).stages == {"ingest": "ran"}
+    assert _run(cohort, out, from_stage="ingest").stages == {"ingest": "ran"}
+
+
+def test_config_change_reruns_the_stage(cohort, tmp_path):
+    out = tmp_path / "out"
+    _run(cohort, out)
+    cfg = load_config(None, {"ingest": {"gene_policy": "outer"}})
+    assert Runner(cohort, cfg, out).run().stages == {"ingest": "ran"}
+    # a section the stage does not read leaves it current
+    cfg2 = load_config(None, {"ingest": {"gene_policy": "outer"}, "seed": 7})
+    assert Runner(cohort, cfg2, out).run().stages == {"ingest": "up to date"}
+
+
+def test_missing_artifact_is_rebuilt(cohort, tmp_path):
+    out = tmp_path / "out"
+    _run(cohort, out)
+    (out / "ingest" / "samples" / "D3_longterm.h5ad").unlink()
+    assert _run(cohort, out).stages == {"ingest": "ran"}
+    assert (out / "ingest" / "samples" / "D3_longterm.h5ad").is_file()
+
+
+def test_single_sample_unit_then_merge(cohort, tmp_path):
+    """What a Slurm array task does: one sample alone, then the merge in a later job."""
+    out = tmp_path / "out"
+    s = _run(cohort, out, stage="ingest", sample="D1_acute")
+    assert s.stages == {"ingest": "ran"}
+    assert [p.name for p in (out / "ingest" / "samples").glob("*.h5ad")] == ["D1_acute.h5ad"]
+    assert not (out / "ingest" / "ingest.h5ad").exists()
+    assert not (out / "provenance.json").exists()
+    _run(cohort, out)
+    assert (out / "ingest" / "ingest.h5ad").is_file()
+
+
+def test_unknown_sample_is_an_input_error(cohort, tmp_path):
+    with pytest.raises(InputError, match="not in"):
+        _run(cohort, tmp_path / "out", stage="ingest", sample="nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_file_mid_run_leaves_no_output(tmp_path):
+    sheet = write_cohort(tmp_path / "in")
+    # a structurally valid file whose values are bad is only found when it is read in full
+    bad = tmp_path / "in" / "data" / "D3_baseline.h5ad"
+    a = ad.read_h5ad(bad)
+    a.X.data[0] = 0.5
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(bad)
+    before = tree_checksums(tmp_path / "in")
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        _run(sheet, out)
+    assert "D3_baseline" in str(err.value)
+    assert not out.exists()
+    assert tree_checksums(tmp_path / "in") == before
+
+
+def test_bad_input_on_resume_keeps_earlier_results(tmp_path):
+    sheet = write_cohort(tmp_path / "in")
+    out = tmp_path / "out"
+    _run(sheet, out)
+    listing = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    bad = tmp_path / "in" / "data" / "D3_baseline.h5ad"
+    a = ad.read_h5ad(bad)
+    a.X.data[0] = -3
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(bad)
+    with pytest.raises(InputError):
+        _run(sheet, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == listing
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "x.txt"
+    final.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert final.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / "ingest").mkdir()
+    stray = tmp_path / "ingest" / ".ingest.tmp-123.h5ad"
+    stray.write_text("x")
+    keep = tmp_path / "ingest" / "ingest.h5ad"
+    keep.write_text("y")
+    assert remove_stale_temporaries(tmp_path) == [stray]
+    assert keep.exists()
+
+
+def test_lock_refuses_a_second_run(cohort, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with outdir_lock(out):
+        with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+            _run(cohort, out)
+        with pytest.raises(LockError):
+            _run(cohort, out, stage="ingest", sample="D1_acute")
+    # per-sample tasks share the directory, but not the same sample
+    with outdir_lock(out, sample="D1_acute"):
+        _run(cohort, out, stage="ingest", sample="D2_acute")
+        with pytest.raises(LockError, match="D1_acute"):
+            _run(cohort, out, stage="ingest", sample="D1_acute")
+        with pytest.raises(LockError):
+            _run(cohort, out)
+    _run(cohort, out)  # released
+
+
+def test_gpu_request_without_gpu_is_an_error(cohort, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = load_config(None, {"device": "gpu"})
+    with pytest.raises(InputError, match="no usable CUDA device"):
+        Runner(cohort, cfg, tmp_path / "out").run()
+    assert not (tmp_path / "out").exists()
+
+
+def _read_all(out: Path) -> dict[str, ad.AnnData]:
+    return {p.name: ad.read_h5ad(p) for p in sorted((out / "ingest").rglob("*.h5ad"))}
+
+
+@pytest.mark.parametrize("kill_after_stamps", [0, 2, 5, 9])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after_stamps):
+    """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""
+    sheet = write_cohort(tmp_path / "in", n_cells=400, n_genes=2000)
+    ref = tmp_path / "ref"
+    _run(sheet, ref)
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--samplesheet",
+        str(sheet),
+        "--outdir",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    rng = np.random.default_rng(kill_after_stamps)
+    while time.time() < deadline and proc.poll() is None:
+        stamps = list((out / "ingest" / "samples").glob("*.stamp.json")) if out.exists() else []
+        if len(stamps) >= kill_after_stamps:
+            time.sleep(float(rng.uniform(0, 0.3)))
+            break
+        time.sleep(0.005)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # nothing half-written under a final name: every stamp's outputs are complete
+    for st_file in out.rglob("*.stamp.json"):
+        st = json.loads(st_file.read_text())
+        for rel, meta in st["outputs"].items():
+            assert (out / rel).stat().st_size == meta["size"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(out.rglob("*.tmp-*"))
+    got, want = _read_all(out), _read_all(ref)
+    assert got.keys() == want.keys()
+    for name in want:
+        _same_adata(got[name], want[name])
