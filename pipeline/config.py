@@ -33,6 +33,8 @@ __all__ = [
     "Contrast",
     "DesignConfig",
     "IngestConfig",
+    "PreprocessConfig",
+    "QCConfig",
     "commented_yaml",
     "config_digest",
     "config_json_schema",
@@ -152,6 +154,130 @@ class IngestConfig(_Section):
     )
 
 
+class QCConfig(_Section):
+    """Per-sample cell quality control and doublet detection (one Slurm array task per sample)."""
+
+    mode: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description=(
+            "'adaptive': per sample, cells outside median +/- nmads MADs of log counts and log genes, "
+            "or above median + nmads MADs of % mitochondrial, are removed; 'fixed': only the bounds below."
+        ),
+    )
+    nmads: float = Field(
+        default=5.0,
+        gt=0,
+        description="Width of the adaptive thresholds in median absolute deviations.",
+    )
+    min_counts: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fixed lower bound on total counts per cell (applied in both modes when set).",
+    )
+    max_counts: int | None = Field(
+        default=None, ge=1, description="Fixed upper bound on total counts per cell (both modes)."
+    )
+    min_genes: int | None = Field(
+        default=200, ge=0, description="Fixed lower bound on genes detected per cell (both modes)."
+    )
+    max_genes: int | None = Field(
+        default=None, ge=1, description="Fixed upper bound on genes detected per cell (both modes)."
+    )
+    max_pct_mt: float | None = Field(
+        default=20.0,
+        gt=0,
+        le=100,
+        description="Fixed upper bound on % mitochondrial counts (both modes).",
+    )
+    mt_prefix: str = Field(
+        default="MT-", min_length=1, description="Symbol prefix of mitochondrial genes."
+    )
+    ribo_prefixes: list[str] = Field(
+        default=["RPS", "RPL"], description="Symbol prefixes of ribosomal protein genes."
+    )
+    hb_pattern: str = Field(
+        default=r"^HB[ABDEGMQZ]\d*$",
+        description="Regular expression for haemoglobin genes (matches HBA1, HBB, ...; not HBEGF or HBP1).",
+    )
+    doublets: Literal["scrublet", "none"] = Field(
+        default="scrublet",
+        description="Doublet detection per sample: scrublet (scanpy on CPU, rapids-singlecell on GPU) or none.",
+    )
+    expected_doublet_rate: float = Field(
+        default=0.06, gt=0, lt=1, description="Scrublet's expected doublet rate."
+    )
+    doublet_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Doublet score threshold; null lets scrublet choose it.",
+    )
+    remove_doublets: bool = Field(
+        default=True,
+        description="Remove predicted doublets (scores and calls are kept in obs either way).",
+    )
+    max_fraction_removed: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="A sample losing more than this fraction of its cells fails QC.",
+    )
+    min_cells_after: int = Field(
+        default=20, ge=1, description="A sample with fewer cells than this after QC fails."
+    )
+    on_failed_sample: Literal["error", "drop"] = Field(
+        default="error",
+        description="A sample failing QC: stop with an error naming it, or drop it (warned and recorded in provenance).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> QCConfig:
+        import re
+
+        try:
+            re.compile(self.hb_pattern)
+        except re.error as exc:
+            raise ValueError(
+                f"hb_pattern {self.hb_pattern!r} is not a valid regular expression: {exc}"
+            ) from None
+        for lo, hi in (("min_counts", "max_counts"), ("min_genes", "max_genes")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a >= b:
+                raise ValueError(f"{lo} ({a}) must be smaller than {hi} ({b})")
+        return self
+
+
+class PreprocessConfig(_Section):
+    """Cohort-level filtering, normalisation, highly variable genes and PCA."""
+
+    min_cells_per_gene: int = Field(
+        default=3,
+        ge=0,
+        description="Genes detected in fewer cells than this (after cell QC) are removed.",
+    )
+    target_sum: float | None = Field(
+        default=1e4,
+        gt=0,
+        description="normalize_total target per cell; null uses the median total.",
+    )
+    n_top_genes: int = Field(
+        default=2000, ge=10, description="Highly variable genes (seurat_v3 on counts, batch-aware)."
+    )
+    hvg_batch_key: str | None = Field(
+        default="sample", description="obs column for batch-aware HVG selection; null for none."
+    )
+    hvg_span: float = Field(
+        default=0.3, gt=0, le=1, description="LOESS span of the seurat_v3 mean-variance fit."
+    )
+    hvg_include: list[str] = Field(
+        default_factory=list,
+        description="Genes always added to the HVGs when present (recorded in var['hvg_forced']).",
+    )
+    n_comps: int = Field(
+        default=50, ge=2, description="Principal components computed on the HVGs (obsm['X_pca'])."
+    )
+
+
 class Config(_Section):
     """A complete immuneage run configuration."""
 
@@ -162,8 +288,17 @@ class Config(_Section):
         default="auto",
         description="Where array work runs: 'gpu' requires a usable CUDA device (an error otherwise), 'auto' uses one when present.",
     )
+    backend: Literal["auto", "scanpy", "kernels", "rapids"] = Field(
+        default="auto",
+        description=(
+            "'auto': scanpy on CPU; on GPU rapids-singlecell when it imports, else immuneage's torch kernels. "
+            "'kernels' forces the torch kernels (also on CPU); 'rapids' requires rapids-singlecell and a GPU."
+        ),
+    )
     design: DesignConfig = Field(default_factory=DesignConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    qc: QCConfig = Field(default_factory=QCConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

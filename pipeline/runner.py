@@ -396,7 +396,26 @@ class Runner:
         return self._run_cohort(spec, force=force)
 
     def _sample_inputs(self, spec: StageSpec, row: Any) -> dict[str, str]:
-        """Content hash of a sample's source file(s), reusing the last hash when unchanged."""
+        """What one sample's unit is made from.
+
+        For a source stage (no upstream), the content hash of the sample's
+        file(s), reusing the last hash when size and mtime are unchanged, plus
+        the sheet row. Otherwise the digests of the upstream units of the same
+        sample.
+        """
+        if spec.inputs:
+            out = {}
+            for name in spec.inputs:
+                up = get_stage(name)
+                st = read_stamp(stamp_path(self._unit_artifact(up, row.sample)))
+                if st is None or not st.outputs_present(self.outdir):
+                    raise InputError(
+                        f"stage {spec.name!r} for sample {row.sample!r} needs the output of "
+                        f"stage {name!r} for that sample, which is missing in {self.outdir}; run "
+                        f"`immuneage run ... --stage {name} --sample {row.sample}` first"
+                    )
+                out[name] = st.digest()
+            return out
         sig = path_signature(row.path)
         old = read_stamp(stamp_path(self._unit_artifact(spec, row.sample)))
         if old is not None and old.info.get("source_signature") == sig:
@@ -435,9 +454,21 @@ class Runner:
             else:
 
                 def compute(row: Any = row) -> StageResult:
-                    return StageResult(sample_func(row, self.cfg))
+                    if not spec.inputs:
+                        out = sample_func(row, self.cfg)
+                    else:
+                        import anndata as ad
 
-                info = {"source_signature": self._signatures[row.sample], "source": str(row.path)}
+                        ups = [
+                            ad.read_h5ad(self._unit_artifact(get_stage(n), row.sample))
+                            for n in spec.inputs
+                        ]
+                        out = sample_func(*ups, self.cfg, device=self._device)
+                    return out if isinstance(out, StageResult) else StageResult(out)
+
+                info: dict[str, Any] = {"source": str(row.path)}
+                if row.sample in self._signatures:
+                    info["source_signature"] = self._signatures[row.sample]
                 outputs += self._execute(spec, expected, artifact, compute, label, info)
                 ran += 1
             st = read_stamp(stamp_path(artifact))
@@ -478,8 +509,8 @@ class Runner:
         def compute() -> StageResult:
             import anndata as ad
 
-            upstream = ad.read_h5ad(self._artifact(get_stage(spec.inputs[-1])))
-            out = func(upstream, self.cfg, device=self._device)
+            upstream = [ad.read_h5ad(self._artifact(get_stage(n))) for n in spec.inputs]
+            out = func(*upstream, self.cfg, device=self._device)
             return out if isinstance(out, StageResult) else StageResult(out)
 
         return "ran", self._execute(spec, expected, artifact, compute, spec.name)

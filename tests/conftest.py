@@ -9,9 +9,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import scipy.sparse as sp
 
 from pipeline.io.write10x import write_10x_h5, write_10x_mtx
+
+#: Config for the tiny synthetic cohorts: their cells have few genes, so the
+#: fixed QC floors are off and scrublet (which needs realistic samples) is skipped.
+SMALL_OVERRIDES = {
+    "qc": {"doublets": "none", "min_genes": None, "max_pct_mt": None},
+    "preprocess": {"n_top_genes": 100, "n_comps": 10, "min_cells_per_gene": 1},
+}
 
 DONORS = ("D1", "D2", "D3")
 TIMEPOINTS = ("baseline", "acute", "longterm")
@@ -32,7 +40,10 @@ def make_counts(n_cells: int, n_genes: int, seed: int, *, prefix: str = "G") -> 
 
 
 def write_cohort(root: Path, *, n_cells: int = 30, n_genes: int = 250, seed: int = 0) -> Path:
-    """Write 3 donors x 3 timepoints in all three formats plus a sample sheet; return the sheet."""
+    """Write 3 donors x 3 timepoints in all three formats, a sample sheet and a config.
+
+    Returns the sheet; the config (:data:`SMALL_OVERRIDES`) is ``config.yaml`` beside it.
+    """
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for d_i, donor in enumerate(DONORS):
@@ -64,6 +75,7 @@ def write_cohort(root: Path, *, n_cells: int = 30, n_genes: int = 250, seed: int
             )
     sheet = root / "samplesheet.csv"
     pd.DataFrame(rows).to_csv(sheet, index=False)
+    (root / "config.yaml").write_text(yaml.safe_dump(SMALL_OVERRIDES))
     return sheet
 
 

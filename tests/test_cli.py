@@ -34,7 +34,8 @@ def test_help_on_every_command(command, capsys):
 
 
 def test_console_script_is_installed():
-    r = subprocess.run(["immuneage", "--version"], capture_output=True, text=True)
+    exe = Path(sys.executable).parent / "immuneage"
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("immuneage ")
 
 
@@ -50,11 +51,14 @@ def test_run_and_validate(cohort, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "OK: 9 samples, 3 donors" in r.stdout
     out = tmp_path / "out"
-    r = _cli("run", "--samplesheet", str(cohort), "--outdir", str(out))
+    config = str(cohort.parent / "config.yaml")
+    r = _cli("run", "--samplesheet", str(cohort), "--config", config, "--outdir", str(out))
     assert r.returncode == 0, r.stderr
     assert f"outputs in {out}" in r.stdout
-    assert "ingest: done in" in r.stderr  # per-stage timing
-    r = _cli("run", "--samplesheet", str(cohort), "--outdir", str(out), "--quiet")
+    assert "ingest (merge): done in" in r.stderr  # per-stage timing
+    r = _cli(
+        "run", "--samplesheet", str(cohort), "--config", config, "--outdir", str(out), "--quiet"
+    )
     assert r.returncode == 0
     assert "up to date" in r.stdout and r.stderr == ""
     assert tree_checksums(cohort.parent) == before

@@ -67,7 +67,11 @@ def _write(tmp_path: Path, text: str) -> Path:
     [
         (
             "devce: gpu\n",
-            ["devce", "unknown key", "allowed keys here: design, device, ingest, seed"],
+            [
+                "devce",
+                "unknown key",
+                "allowed keys here: design, device, ingest, preprocess, qc, seed",
+            ],
         ),
         ("device: tpu\n", ["device", "'auto', 'cpu' or 'gpu'", "tpu"]),
         ("seed: -1\n", ["seed", "greater than or equal to 0"]),

@@ -14,7 +14,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tree_checksums, write_cohort
+from conftest import SMALL_OVERRIDES, tree_checksums, write_cohort
 
 from pipeline.artifacts import atomic_path, read_stamp, remove_stale_temporaries, stamp_path
 from pipeline.config import load_config
@@ -25,8 +25,16 @@ from pipeline.runner import Runner
 SAMPLES = [f"{d}_{t}" for d in ("D1", "D2", "D3") for t in ("baseline", "acute", "longterm")]
 
 
+ALL = {"ingest": "ran", "qc": "ran", "preprocess": "ran"}
+CURRENT = {"ingest": "up to date", "qc": "up to date", "preprocess": "up to date"}
+
+
+def _cfg(**extra):
+    return load_config(None, {**SMALL_OVERRIDES, **extra})
+
+
 def _run(sheet: Path, outdir: Path, **kw):
-    return Runner(sheet, load_config(None), outdir).run(**kw)
+    return Runner(sheet, _cfg(), outdir).run(**kw)
 
 
 def _same_adata(a: ad.AnnData, b: ad.AnnData) -> None:
@@ -39,7 +47,7 @@ def _same_adata(a: ad.AnnData, b: ad.AnnData) -> None:
 def test_run_writes_artifacts_stamps_and_provenance(cohort, tmp_path):
     out = tmp_path / "out"
     summary = _run(cohort, out)
-    assert summary.stages == {"ingest": "ran"}
+    assert summary.stages == ALL
     merged = out / "ingest" / "ingest.h5ad"
     st = read_stamp(stamp_path(merged))
     assert st is not None and st.outputs_present(out)
@@ -65,13 +73,13 @@ def test_rerun_skips_and_changes_rerun_only_what_changed(cohort, tmp_path):
     _run(cohort, out)
     merged = out / "ingest" / "ingest.h5ad"
     mtime = merged.stat().st_mtime_ns
-    assert _run(cohort, out).stages == {"ingest": "up to date"}
+    assert _run(cohort, out).stages == CURRENT
     assert merged.stat().st_mtime_ns == mtime
 
     # touching a file without changing its bytes: re-hashed, nothing re-run
     src = cohort.parent / "data" / "D1_baseline.h5ad"
     os.utime(src, ns=(time.time_ns(), time.time_ns()))
-    assert _run(cohort, out).stages == {"ingest": "up to date"}
+    assert _run(cohort, out).stages == CURRENT
 
     # changing one sample's metadata re-runs that sample and the merge only
     unit = out / "ingest" / "samples"
@@ -79,7 +87,7 @@ def test_rerun_skips_and_changes_rerun_only_what_changed(cohort, tmp_path):
     sheet = pd.read_csv(cohort, dtype=str)
     sheet.loc[sheet["sample"] == "D2_acute", "age"] = "99"
     sheet.to_csv(cohort, index=False)
-    assert _run(cohort, out).stages == {"ingest": "ran"}
+    assert _run(cohort, out).stages == ALL
     after = {s: (unit / f"{s}.h5ad").stat().st_mtime_ns for s in SAMPLES}
     assert [s for s in SAMPLES if before[s] != after[s]] == ["D2_acute"]
     a = ad.read_h5ad(merged)
@@ -89,25 +97,33 @@ def test_rerun_skips_and_changes_rerun_only_what_changed(cohort, tmp_path):
 def test_force_and_from_rerun(cohort, tmp_path):
     out = tmp_path / "out"
     _run(cohort, out)
-    assert _run(cohort, out, force=True).stages == {"ingest": "ran"}
-    assert _run(cohort, out, from_stage="ingest").stages == {"ingest": "ran"}
+    assert _run(cohort, out, force=True).stages == ALL
+    assert _run(cohort, out, from_stage="ingest").stages == ALL
+    assert _run(cohort, out, from_stage="qc").stages == {**ALL, "ingest": "up to date"}
+    assert _run(cohort, out, until="qc").stages == {"ingest": "up to date", "qc": "up to date"}
 
 
 def test_config_change_reruns_the_stage(cohort, tmp_path):
     out = tmp_path / "out"
     _run(cohort, out)
-    cfg = load_config(None, {"ingest": {"gene_policy": "outer"}})
-    assert Runner(cohort, cfg, out).run().stages == {"ingest": "ran"}
-    # a section the stage does not read leaves it current
-    cfg2 = load_config(None, {"ingest": {"gene_policy": "outer"}, "seed": 7})
-    assert Runner(cohort, cfg2, out).run().stages == {"ingest": "up to date"}
+    cfg = _cfg(ingest={"gene_policy": "outer"})
+    assert Runner(cohort, cfg, out).run().stages["ingest"] == "ran"
+    # a key only later stages read leaves ingest current
+    cfg2 = _cfg(ingest={"gene_policy": "outer"}, seed=7)
+    assert Runner(cohort, cfg2, out).run().stages == {**ALL, "ingest": "up to date"}
+    cfg3 = _cfg(
+        ingest={"gene_policy": "outer"},
+        seed=7,
+        preprocess={**SMALL_OVERRIDES["preprocess"], "n_comps": 5},
+    )
+    assert Runner(cohort, cfg3, out).run().stages == {**CURRENT, "preprocess": "ran"}
 
 
 def test_missing_artifact_is_rebuilt(cohort, tmp_path):
     out = tmp_path / "out"
     _run(cohort, out)
     (out / "ingest" / "samples" / "D3_longterm.h5ad").unlink()
-    assert _run(cohort, out).stages == {"ingest": "ran"}
+    assert _run(cohort, out).stages["ingest"] == "ran"
     assert (out / "ingest" / "samples" / "D3_longterm.h5ad").is_file()
 
 
@@ -204,7 +220,7 @@ def test_gpu_request_without_gpu_is_an_error(cohort, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    cfg = load_config(None, {"device": "gpu"})
+    cfg = _cfg(device="gpu")
     with pytest.raises(InputError, match="no usable CUDA device"):
         Runner(cohort, cfg, tmp_path / "out").run()
     assert not (tmp_path / "out").exists()
@@ -214,13 +230,25 @@ def _read_all(out: Path) -> dict[str, ad.AnnData]:
     return {p.name: ad.read_h5ad(p) for p in sorted((out / "ingest").rglob("*.h5ad"))}
 
 
-@pytest.mark.parametrize("kill_after_stamps", [0, 2, 5, 9])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after_stamps):
-    """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""
-    sheet = write_cohort(tmp_path / "in", n_cells=400, n_genes=2000)
-    ref = tmp_path / "ref"
-    _run(sheet, ref)
+def _read_all_qc(out: Path) -> dict[str, pd.DataFrame]:
+    return {p.name: ad.read_h5ad(p).obs for p in sorted((out / "qc").rglob("*.h5ad"))}
 
+
+@pytest.fixture(scope="module")
+def killable(tmp_path_factory):
+    """A cohort big enough that a run takes a few seconds, and its uninterrupted result."""
+    root = tmp_path_factory.mktemp("kill")
+    sheet = write_cohort(root / "in", n_cells=300, n_genes=1500)
+    ref = root / "ref"
+    _run(sheet, ref)
+    return sheet, ref
+
+
+# 21 stamps in all: 9 ingest units + merge, 9 qc units + merge, preprocess
+@pytest.mark.parametrize("kill_after_stamps", [0, 3, 10, 14, 20])
+def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_after_stamps):
+    """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""
+    sheet, ref = killable
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -229,6 +257,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after_stamps):
         "run",
         "--samplesheet",
         str(sheet),
+        "--config",
+        str(sheet.parent / "config.yaml"),
         "--outdir",
         str(out),
         "--quiet",
@@ -237,14 +267,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after_stamps):
     deadline = time.time() + 120
     rng = np.random.default_rng(kill_after_stamps)
     while time.time() < deadline and proc.poll() is None:
-        stamps = list((out / "ingest" / "samples").glob("*.stamp.json")) if out.exists() else []
+        stamps = list(out.rglob("*.stamp.json")) if out.exists() else []
         if len(stamps) >= kill_after_stamps:
-            time.sleep(float(rng.uniform(0, 0.3)))
+            time.sleep(float(rng.uniform(0, 0.2)))
             break
-        time.sleep(0.005)
-    killed = proc.poll() is None
-    if killed:
-        proc.send_signal(signal.SIGKILL)
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     # nothing half-written under a final name: every stamp's outputs are complete
     for st_file in out.rglob("*.stamp.json"):
@@ -258,3 +287,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after_stamps):
     assert got.keys() == want.keys()
     for name in want:
         _same_adata(got[name], want[name])
+    got_qc, want_qc = _read_all_qc(out), _read_all_qc(ref)
+    assert got_qc.keys() == want_qc.keys()
+    for name in want_qc:
+        pd.testing.assert_frame_equal(got_qc[name], want_qc[name])
+    a, b = (ad.read_h5ad(d / "preprocess" / "preprocess.h5ad") for d in (out, ref))
+    np.testing.assert_array_equal(a.obsm["X_pca"], b.obsm["X_pca"])
+    assert (a.X != b.X).nnz == 0
+    for table in ("ingest_samples", "qc_per_sample", "hvg"):
+        assert (out / "tables" / f"{table}.tsv").read_bytes() == (
+            ref / "tables" / f"{table}.tsv"
+        ).read_bytes()

@@ -17,7 +17,7 @@ STAGES: tuple[StageSpec, ...] = (
         summary="read each sample's counts (h5ad, 10x h5, 10x mtx), validate, merge into one AnnData",
         module="pipeline.stages.ingest",
         sample_func="ingest_sample",
-        func="merge_samples",
+        func="run_ingest_merge",
         inputs=(),
         sections=("design", "ingest"),
         outputs=(
@@ -25,6 +25,25 @@ STAGES: tuple[StageSpec, ...] = (
             "ingest/ingest.h5ad",
             "tables/ingest_samples.tsv",
         ),
+    ),
+    StageSpec(
+        name="qc",
+        summary="per-sample QC metrics, adaptive/fixed outlier filters, scrublet doublets",
+        module="pipeline.stages.qc",
+        sample_func="qc_sample",
+        func="merge_qc",
+        inputs=("ingest",),
+        sections=("seed", "backend", "qc"),
+        outputs=("qc/samples/<sample>.h5ad", "qc/qc.h5ad", "tables/qc_per_sample.tsv"),
+    ),
+    StageSpec(
+        name="preprocess",
+        summary="filter cells and genes, normalise + log1p, seurat_v3 HVGs, PCA (scanpy, torch kernels or rapids-singlecell)",
+        module="pipeline.stages.preprocess",
+        func="run_preprocess",
+        inputs=("ingest", "qc"),
+        sections=("seed", "backend", "preprocess"),
+        outputs=("preprocess/preprocess.h5ad", "tables/hvg.tsv"),
     ),
 )
 

@@ -1,0 +1,250 @@
+"""Stage ``preprocess``: filter, normalise, select highly variable genes, PCA.
+
+Reads the merged ingest AnnData and the per-cell QC results, then
+
+1. keeps the cells that passed QC (``obs["qc_pass"]``) and copies the QC
+   columns into ``obs``; removes genes seen in fewer than
+   ``min_cells_per_gene`` cells;
+2. ``X`` = ``log1p(normalize_total(counts, target_sum))`` (sparse); the raw
+   counts stay in ``layers["counts"]``;
+3. highly variable genes, ``seurat_v3`` on the counts, batch-aware
+   (``hvg_batch_key``, default ``sample``); ``hvg_include`` genes are forced in
+   and marked in ``var["hvg_forced"]``;
+4. PCA on the HVGs of ``X`` (implicitly centred, never densified):
+   ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]``.
+
+Three interchangeable implementations give the same result within the
+tolerances stated in ``tests/test_preprocess.py``: scanpy (CPU),
+immuneage's torch kernels (CPU or CUDA, the code CI tests), rapids-singlecell
+(CUDA, when it imports).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from .. import keys
+from ..errors import ImmuneageWarning, InputError
+from ._backend import choose_backend, rapids
+from ._base import StageResult
+from .qc import QC_COLUMNS
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import Config, PreprocessConfig
+
+__all__ = ["filter_cells_genes", "highly_variable", "normalize", "pca", "run_preprocess"]
+
+
+def filter_cells_genes(adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
+    """Attach QC columns, keep cells that passed QC and genes seen in enough cells."""
+    missing = adata.obs_names.difference(qc.obs_names)
+    if len(missing):
+        raise InputError(
+            f"{len(missing)} cells of the ingest output have no QC result (e.g. {missing[0]}); "
+            "re-run the qc stage (`immuneage run ... --from qc`)"
+        )
+    qobs = qc.obs.loc[adata.obs_names]
+    obs = adata.obs.copy()
+    for col in QC_COLUMNS:
+        obs[col] = qobs[col].to_numpy()
+    adata = ad.AnnData(
+        X=adata.layers[keys.COUNTS], obs=obs, var=adata.var.copy(), uns=dict(adata.uns)
+    )
+    adata.layers[keys.COUNTS] = adata.X
+    adata = adata[adata.obs["qc_pass"].to_numpy(bool)].copy()
+    if adata.n_obs == 0:
+        raise InputError("no cell passed QC in any sample; see tables/qc_per_sample.tsv")
+    counts = sp.csr_matrix(adata.layers[keys.COUNTS])
+    n_cells = np.diff(counts.tocsc().indptr)
+    keep = n_cells >= cfg.min_cells_per_gene
+    adata = adata[:, keep].copy()
+    adata.var["n_cells_by_counts"] = n_cells[keep]
+    adata.layers[keys.COUNTS] = sp.csr_matrix(adata.layers[keys.COUNTS])
+    for col in (keys.SAMPLE, keys.DONOR):
+        if hasattr(adata.obs[col], "cat"):
+            adata.obs[col] = adata.obs[col].cat.remove_unused_categories()
+    return adata
+
+
+def normalize(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: Any) -> None:
+    """Set ``X`` to log1p of the library-size-normalised counts (in place)."""
+    counts = adata.layers[keys.COUNTS]
+    if backend == "kernels":
+        from ..kernels import normalize_log1p
+
+        adata.X = normalize_log1p(counts, target_sum=cfg.target_sum, device=device)
+    elif backend == "rapids":  # pragma: no cover - needs a GPU and rapids-singlecell
+        rsc = rapids()
+        tmp = ad.AnnData(counts.copy())
+        rsc.get.anndata_to_GPU(tmp)
+        rsc.pp.normalize_total(tmp, target_sum=cfg.target_sum)
+        rsc.pp.log1p(tmp)
+        rsc.get.anndata_to_CPU(tmp)
+        adata.X = sp.csr_matrix(tmp.X, dtype=np.float32)
+    else:
+        import scanpy as sc
+
+        adata.X = counts.astype(np.float32, copy=True)
+        sc.pp.normalize_total(adata, target_sum=cfg.target_sum)
+        sc.pp.log1p(adata)
+        adata.uns.pop("log1p", None)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+
+
+def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: Any) -> None:
+    """Seurat v3 HVGs on the counts, batch-aware; writes scanpy's ``var`` columns in place."""
+    n_top = min(cfg.n_top_genes, adata.n_vars)
+    batch_key = cfg.hvg_batch_key
+    if batch_key is not None and batch_key not in adata.obs:
+        raise InputError(
+            f"preprocess.hvg_batch_key {batch_key!r} is not an obs column; columns are: "
+            f"{', '.join(map(str, adata.obs.columns))}"
+        )
+    if backend == "kernels":
+        from ..kernels import hvg_seurat_v3
+
+        batch = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+        df = hvg_seurat_v3(
+            adata.layers[keys.COUNTS],
+            n_top_genes=n_top,
+            batch=batch,
+            span=cfg.hvg_span,
+            device=device,
+            gene_names=adata.var_names,
+        )
+        for col in df.columns:
+            adata.var[col] = df[col].to_numpy()
+    else:
+        # rapids-singlecell's seurat_v3 follows scanpy's; the counts -> host fit is the same.
+        import scanpy as sc
+
+        sc.pp.highly_variable_genes(
+            adata,
+            flavor="seurat_v3",
+            layer=keys.COUNTS,
+            n_top_genes=n_top,
+            batch_key=batch_key,
+            span=cfg.hvg_span,
+        )
+        adata.uns.pop("hvg", None)
+    forced = adata.var_names.isin(cfg.hvg_include)
+    absent = sorted(set(cfg.hvg_include) - set(adata.var_names))
+    if absent:
+        import warnings
+
+        warnings.warn(
+            f"preprocess.hvg_include: {len(absent)} genes are not in the data after filtering "
+            f"and are not forced in: {', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}",
+            ImmuneageWarning,
+            stacklevel=2,
+        )
+    adata.var["hvg_forced"] = forced & ~adata.var["highly_variable"].to_numpy(bool)
+    adata.var["highly_variable"] = adata.var["highly_variable"].to_numpy(bool) | forced
+
+
+def pca(adata: ad.AnnData, cfg: PreprocessConfig, seed: int, backend: str, device: Any) -> None:
+    """PCA of the HVG columns of ``X``; writes ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]``."""
+    hv = adata.var["highly_variable"].to_numpy(bool)
+    n_comps = min(cfg.n_comps, int(hv.sum()) - 1, adata.n_obs - 1)
+    if n_comps < 2:
+        raise InputError(
+            f"PCA needs at least 3 highly variable genes and cells; have {int(hv.sum())} genes "
+            f"and {adata.n_obs} cells"
+        )
+    x = sp.csr_matrix(adata.X)[:, hv]
+    if backend == "kernels":
+        from ..kernels import pca_sparse
+
+        res = pca_sparse(x, n_comps=n_comps, seed=seed, device=device)
+        emb, comps, var, ratio = res
+    else:
+        import scanpy as sc
+
+        tmp = ad.AnnData(x)
+        if backend == "rapids":  # pragma: no cover - needs a GPU and rapids-singlecell
+            rsc = rapids()
+            rsc.get.anndata_to_GPU(tmp)
+            rsc.pp.pca(tmp, n_comps=n_comps, random_state=seed)
+            rsc.get.anndata_to_CPU(tmp)
+        else:
+            sc.pp.pca(tmp, n_comps=n_comps, svd_solver="arpack", random_state=seed)
+        emb = tmp.obsm["X_pca"]
+        comps = tmp.varm["PCs"].T
+        var = tmp.uns["pca"]["variance"]
+        ratio = tmp.uns["pca"]["variance_ratio"]
+    emb = np.asarray(emb, dtype=np.float32)
+    comps = np.asarray(comps, dtype=np.float32)
+    # one deterministic sign per component: the largest |loading| is positive
+    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
+    signs[signs == 0] = 1
+    emb, comps = emb * signs, comps * signs[:, None]
+    pcs = np.zeros((adata.n_vars, n_comps), dtype=np.float32)
+    pcs[hv] = comps.T
+    adata.obsm[keys.X_PCA] = emb
+    adata.varm["PCs"] = pcs
+    adata.uns["pca"] = {
+        "variance": np.asarray(var, dtype=np.float64),
+        "variance_ratio": np.asarray(ratio, dtype=np.float64),
+        "params": {"zero_center": True, "n_comps": n_comps, "mask_var": "highly_variable"},
+    }
+
+
+def run_preprocess(
+    adata: ad.AnnData, qc: ad.AnnData, cfg: Config, *, device: torch.device | str = "cpu"
+) -> StageResult:
+    """Filter, normalise, pick HVGs and run PCA.
+
+    Parameters
+    ----------
+    adata
+        Merged ingest output (counts in ``layers["counts"]``).
+    qc
+        Merged QC output (per-cell ``obs`` with ``qc_pass``).
+    cfg
+        Run configuration (reads ``preprocess``, ``backend``, ``seed``).
+    device
+        The run's device.
+
+    Returns
+    -------
+    StageResult with the AnnData: ``X`` log-normalised (CSR float32),
+    ``layers["counts"]``, QC columns in ``obs``, ``var["highly_variable"]``,
+    ``var["highly_variable_rank"]``, ``var["means"]``, ``var["variances"]``,
+    ``var["variances_norm"]``, ``var["highly_variable_nbatches"]`` (with a
+    batch key), ``var["hvg_forced"]``, ``var["n_cells_by_counts"]``,
+    ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]`` and
+    ``uns["immuneage"]["preprocess"]`` (backend, cell and gene counts).
+    """
+    p = cfg.preprocess
+    backend = choose_backend(cfg.backend, device)
+    n_cells_in, n_genes_in = adata.n_obs, adata.n_vars
+    out = filter_cells_genes(adata, qc, p)
+    normalize(out, p, backend, device)
+    highly_variable(out, p, backend, device)
+    pca(out, p, cfg.seed, backend, device)
+    info = out.uns.setdefault(keys.UNS, {})
+    info["preprocess"] = {
+        "backend": backend,
+        "device": str(getattr(device, "type", device)),
+        "n_cells_in": n_cells_in,
+        "n_cells_out": out.n_obs,
+        "n_genes_in": n_genes_in,
+        "n_genes_out": out.n_vars,
+        "n_hvg": int(out.var["highly_variable"].sum()),
+    }
+    hvg = out.var.loc[
+        out.var["highly_variable"],
+        ["highly_variable_rank", "means", "variances_norm", "hvg_forced"],
+    ]
+    hvg = (
+        hvg.sort_values("highly_variable_rank", na_position="last")
+        .rename_axis("gene")
+        .reset_index()
+    )
+    return StageResult(out, {"hvg": hvg})

@@ -1,0 +1,340 @@
+"""Stage ``qc``: per-sample cell quality control and doublet detection.
+
+Runs once per sample (one Slurm array task each) on that sample's raw counts:
+
+* QC metrics with scanpy's column names (``total_counts``,
+  ``n_genes_by_counts``, ``pct_counts_mt``, ``pct_counts_ribo``,
+  ``pct_counts_hb``, and their ``log1p_`` forms);
+* outlier flags: adaptive thresholds (median +/- ``nmads`` unscaled median
+  absolute deviations of log counts and log genes; median + ``nmads`` MADs of
+  % mitochondrial), plus any fixed bounds from the config;
+* doublets with scrublet on the cells passing those filters (scanpy on CPU,
+  rapids-singlecell on GPU); scores and calls in ``obs``.
+
+The per-sample result holds only ``obs`` (no matrix: the counts stay in the
+ingest artifact). The merge concatenates them and writes
+``tables/qc_per_sample.tsv`` (cells in, removed by each reason, cells out,
+thresholds). A sample losing (almost) all cells fails with an error naming it,
+or is dropped with a warning when ``qc.on_failed_sample: drop``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.stats import median_abs_deviation
+
+from .. import keys
+from ..errors import ImmuneageWarning, InputError
+from ._backend import choose_backend, rapids
+from ._base import StageResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import Config, QCConfig
+
+__all__ = ["gene_masks", "merge_qc", "qc_sample", "qc_thresholds"]
+
+#: obs columns written by this stage.
+QC_COLUMNS = (
+    "total_counts",
+    "n_genes_by_counts",
+    "log1p_total_counts",
+    "log1p_n_genes_by_counts",
+    "pct_counts_mt",
+    "pct_counts_ribo",
+    "pct_counts_hb",
+    "qc_fail_counts",
+    "qc_fail_genes",
+    "qc_fail_mt",
+    "doublet_score",
+    "predicted_doublet",
+    "qc_pass",
+)
+REASONS = ("qc_fail_counts", "qc_fail_genes", "qc_fail_mt", "predicted_doublet")
+
+
+def gene_masks(var_names: Sequence[str], cfg: QCConfig) -> dict[str, np.ndarray]:
+    """Boolean masks of mitochondrial, ribosomal and haemoglobin genes."""
+    names = pd.Index(var_names).astype(str)
+    hb = re.compile(cfg.hb_pattern)
+    return {
+        "mt": np.asarray(names.str.startswith(cfg.mt_prefix)),
+        "ribo": np.asarray(names.str.startswith(tuple(cfg.ribo_prefixes)))
+        if cfg.ribo_prefixes
+        else np.zeros(len(names), bool),
+        "hb": np.array([bool(hb.match(n)) for n in names]),
+    }
+
+
+def _metrics(
+    counts: sp.csr_matrix, masks: dict[str, np.ndarray], backend: str, device: Any
+) -> pd.DataFrame:
+    if backend == "kernels":
+        from ..kernels import qc_metrics
+
+        m = qc_metrics(counts, gene_masks=masks, device=device).obs
+        df = pd.DataFrame(
+            {
+                "total_counts": m["total_counts"],
+                "n_genes_by_counts": m["n_genes_by_counts"],
+                **{f"pct_counts_{k}": m[f"pct_counts_{k}"] for k in masks},
+            }
+        )
+    else:
+        tmp = ad.AnnData(counts)
+        for k, v in masks.items():
+            tmp.var[k] = v
+        if backend == "rapids":  # pragma: no cover - needs a GPU and rapids-singlecell
+            rsc = rapids()
+            rsc.get.anndata_to_GPU(tmp)
+            rsc.pp.calculate_qc_metrics(tmp, qc_vars=list(masks), log1p=False)
+            rsc.get.anndata_to_CPU(tmp)
+            obs = tmp.obs
+        else:
+            import scanpy as sc
+
+            obs, _ = sc.pp.calculate_qc_metrics(
+                tmp, qc_vars=list(masks), percent_top=None, log1p=False, inplace=False
+            )
+        df = obs[
+            ["total_counts", "n_genes_by_counts", *(f"pct_counts_{k}" for k in masks)]
+        ].reset_index(drop=True)
+    df["total_counts"] = df["total_counts"].astype(np.float64)
+    df["n_genes_by_counts"] = df["n_genes_by_counts"].astype(np.int64)
+    df["log1p_total_counts"] = np.log1p(df["total_counts"])
+    df["log1p_n_genes_by_counts"] = np.log1p(df["n_genes_by_counts"])
+    for k in masks:
+        df[f"pct_counts_{k}"] = df[f"pct_counts_{k}"].astype(np.float64).fillna(0.0)
+    return df
+
+
+def qc_thresholds(metrics: pd.DataFrame, cfg: QCConfig) -> dict[str, float | None]:
+    """The bounds applied to one sample: adaptive (MAD) bounds combined with fixed ones.
+
+    Returns
+    -------
+    ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes`` (in counts and
+    genes, not logs) and ``max_pct_mt``; ``None`` where no bound applies.
+    """
+    out: dict[str, float | None] = {
+        "min_counts": cfg.min_counts,
+        "max_counts": cfg.max_counts,
+        "min_genes": cfg.min_genes,
+        "max_genes": cfg.max_genes,
+        "max_pct_mt": cfg.max_pct_mt,
+    }
+    if cfg.mode == "adaptive" and len(metrics):
+        k = cfg.nmads
+
+        def band(values: np.ndarray) -> tuple[float, float]:
+            med = float(np.median(values))
+            mad = float(median_abs_deviation(values))
+            return med - k * mad, med + k * mad
+
+        lo, hi = band(metrics["log1p_total_counts"].to_numpy())
+        out["min_counts"] = max(out["min_counts"] or 0, float(np.expm1(lo)))
+        out["max_counts"] = min(out["max_counts"] or np.inf, float(np.expm1(hi)))
+        lo, hi = band(metrics["log1p_n_genes_by_counts"].to_numpy())
+        out["min_genes"] = max(out["min_genes"] or 0, float(np.expm1(lo)))
+        out["max_genes"] = min(out["max_genes"] or np.inf, float(np.expm1(hi)))
+        mt = metrics["pct_counts_mt"].to_numpy()
+        hi_mt = float(np.median(mt) + k * median_abs_deviation(mt))
+        out["max_pct_mt"] = min(out["max_pct_mt"] or np.inf, hi_mt)
+    return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in out.items()}
+
+
+def _flags(metrics: pd.DataFrame, t: dict[str, float | None]) -> pd.DataFrame:
+    tc, ng, mt = metrics["total_counts"], metrics["n_genes_by_counts"], metrics["pct_counts_mt"]
+    fail_counts = np.zeros(len(metrics), bool)
+    if t["min_counts"] is not None:
+        fail_counts |= tc < t["min_counts"]
+    if t["max_counts"] is not None:
+        fail_counts |= tc > t["max_counts"]
+    fail_genes = np.zeros(len(metrics), bool)
+    if t["min_genes"] is not None:
+        fail_genes |= ng < t["min_genes"]
+    if t["max_genes"] is not None:
+        fail_genes |= ng > t["max_genes"]
+    fail_mt = (
+        (mt > t["max_pct_mt"]).to_numpy()
+        if t["max_pct_mt"] is not None
+        else np.zeros(len(metrics), bool)
+    )
+    return pd.DataFrame(
+        {"qc_fail_counts": fail_counts, "qc_fail_genes": fail_genes, "qc_fail_mt": fail_mt}
+    )
+
+
+def _scrublet(
+    counts: sp.csr_matrix, cfg: QCConfig, seed: int, backend: str
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Doublet scores and calls for the given cells (scrublet)."""
+    tmp = ad.AnnData(counts.astype(np.float32))
+    # scrublet's PCA needs more cells than components; tiny samples get no calls.
+    n_pcs = min(30, tmp.n_obs - 2, tmp.n_vars - 1)
+    if n_pcs < 2:
+        return np.zeros(tmp.n_obs), np.zeros(tmp.n_obs, bool), None
+    kw: dict[str, Any] = {
+        "expected_doublet_rate": cfg.expected_doublet_rate,
+        "threshold": cfg.doublet_threshold,
+        "n_prin_comps": n_pcs,
+        "random_state": seed,
+    }
+    if backend == "rapids":  # pragma: no cover - needs a GPU and rapids-singlecell
+        rsc = rapids()
+        rsc.get.anndata_to_GPU(tmp)
+        rsc.pp.scrublet(tmp, **kw)
+        rsc.get.anndata_to_CPU(tmp)
+    else:
+        import scanpy as sc
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.scrublet(tmp, verbose=False, **kw)
+    thr = tmp.uns.get("scrublet", {}).get("threshold")
+    score = tmp.obs["doublet_score"].to_numpy(np.float64)
+    called = tmp.obs["predicted_doublet"].fillna(False).to_numpy(bool)
+    return score, called, (None if thr is None else float(thr))
+
+
+def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "cpu") -> ad.AnnData:
+    """QC metrics, outlier flags and doublet calls for one sample.
+
+    Parameters
+    ----------
+    adata
+        One sample's ingest output (raw counts in ``layers["counts"]``).
+    cfg
+        Run configuration (reads ``qc``, ``backend``, ``seed``).
+    device
+        The run's device.
+
+    Returns
+    -------
+    AnnData with the sample's cells and no genes; ``obs`` holds ``sample``,
+    ``donor``, ``timepoint`` and the columns in :data:`QC_COLUMNS`;
+    ``uns["immuneage"]["qc"]`` holds the thresholds, the backend, the doublet
+    threshold and ``failed`` / ``dropped`` flags.
+
+    Raises
+    ------
+    InputError
+        The sample fails QC (too few cells left) and ``qc.on_failed_sample`` is ``error``.
+    """
+    q = cfg.qc
+    backend = choose_backend(cfg.backend, device)
+    counts = sp.csr_matrix(adata.layers[keys.COUNTS])
+    sample = str(adata.obs[keys.SAMPLE].iloc[0])
+    masks = gene_masks(adata.var_names, q)
+    metrics = _metrics(counts, masks, "scanpy" if backend == "scanpy" else backend, device)
+    thresholds = qc_thresholds(metrics, q)
+    flags = _flags(metrics, thresholds)
+    passed = ~(flags.any(axis=1).to_numpy())
+
+    score = np.full(adata.n_obs, np.nan)
+    called = np.zeros(adata.n_obs, bool)
+    doublet_threshold = None
+    if q.doublets == "scrublet" and passed.sum() > 0:
+        idx = np.flatnonzero(passed)
+        s, c, doublet_threshold = _scrublet(
+            counts[idx], q, cfg.seed, "rapids" if backend == "rapids" else "scanpy"
+        )
+        score[idx], called[idx] = s, c
+    keep = passed & ~(called if q.remove_doublets else np.zeros_like(called))
+
+    obs = adata.obs[[keys.SAMPLE, keys.DONOR, keys.TIMEPOINT]].copy()
+    for col in metrics:
+        obs[col] = metrics[col].to_numpy()
+    for col in flags:
+        obs[col] = flags[col].to_numpy()
+    obs["doublet_score"] = score
+    obs["predicted_doublet"] = called
+    n_in, n_out = adata.n_obs, int(keep.sum())
+    failed = n_out < q.min_cells_after or (n_in - n_out) / n_in > q.max_fraction_removed
+    dropped = False
+    if failed:
+        removed = {r: int(obs[r].sum()) if r in obs else 0 for r in REASONS}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in thresholds.items() if v is not None)
+        msg = (
+            f"sample {sample!r} fails QC: {n_in} cells before, {n_out} after (qc.min_cells_after "
+            f"{q.min_cells_after}, qc.max_fraction_removed {q.max_fraction_removed}). Thresholds: "
+            f"{shown}; cells removed by reason: {removed}. Check this sample's file, loosen the "
+            "qc thresholds, or set qc.on_failed_sample: drop to continue without it"
+        )
+        if q.on_failed_sample == "error":
+            raise InputError(msg)
+        warnings.warn(msg + " (dropped)", ImmuneageWarning, stacklevel=2)
+        keep[:] = False
+        dropped = True
+    obs["qc_pass"] = keep
+    out = ad.AnnData(sp.csr_matrix((adata.n_obs, 0), dtype=np.float32), obs=obs)
+    out.uns[keys.UNS] = {
+        "qc": {
+            "sample": sample,
+            "backend": backend,
+            "mode": q.mode,
+            "thresholds": {k: ("none" if v is None else v) for k, v in thresholds.items()},
+            "doublet_threshold": "none" if doublet_threshold is None else doublet_threshold,
+            "failed": bool(failed),
+            "dropped": dropped,
+        }
+    }
+    return out
+
+
+def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
+    """Concatenate per-sample QC results and tabulate them.
+
+    Returns
+    -------
+    StageResult whose AnnData has every cell's QC ``obs`` (no genes) and
+    ``uns["immuneage"]["qc"]`` = per-sample thresholds and the dropped samples;
+    table ``qc_per_sample``: sample, donor, timepoint, cells_in, removed by
+    each reason (a cell can fail several), cells_out, the thresholds, doublet
+    threshold and whether the sample was dropped.
+    """
+    rows = []
+    per_sample: dict[str, Any] = {}
+    for u in units:
+        info = u.uns[keys.UNS]["qc"]
+        o = u.obs
+        row = {
+            keys.SAMPLE: info["sample"],
+            keys.DONOR: str(o[keys.DONOR].iloc[0]),
+            keys.TIMEPOINT: str(o[keys.TIMEPOINT].iloc[0]),
+            "cells_in": u.n_obs,
+            "removed_counts": int(o["qc_fail_counts"].sum()),
+            "removed_genes": int(o["qc_fail_genes"].sum()),
+            "removed_mt": int(o["qc_fail_mt"].sum()),
+            "doublets": int(o["predicted_doublet"].sum()),
+            "cells_out": int(o["qc_pass"].sum()),
+        }
+        for k, v in info["thresholds"].items():
+            row[k] = np.nan if v == "none" else v
+        row["doublet_threshold"] = (
+            np.nan if info["doublet_threshold"] == "none" else info["doublet_threshold"]
+        )
+        row["dropped"] = bool(info["dropped"])
+        rows.append(row)
+        per_sample[info["sample"]] = {k: v for k, v in info.items() if k != "sample"}
+    merged = ad.concat(list(units), join="outer", merge="same")
+    tp = pd.Categorical(
+        merged.obs[keys.TIMEPOINT].astype(str), categories=cfg.design.timepoints, ordered=True
+    )
+    merged.obs[keys.TIMEPOINT] = tp
+    merged.uns[keys.UNS] = {
+        "qc": {
+            "per_sample": per_sample,
+            "dropped_samples": [s for s, v in per_sample.items() if v["dropped"]],
+        }
+    }
+    return StageResult(merged, {"qc_per_sample": pd.DataFrame(rows)})
