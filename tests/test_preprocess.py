@@ -1,0 +1,203 @@
+"""Preprocess stage: outputs, and the scanpy path vs the torch-kernel path (CPU here, CUDA when present).
+
+Tolerances (the contract between backends):
+QC metrics equal (rtol 1e-6); normalised values within 1e-5 relative; HVG sets
+Jaccard >= 0.95; top-10 PCs matched with |correlation| >= 0.99.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import ImmuneageWarning
+from pipeline.stages.preprocess import run_preprocess
+from pipeline.stages.qc import merge_qc, qc_sample
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
+
+
+def _cohort(
+    seed: int = 0, n_samples: int = 4, n_cells: int = 350, n_genes: int = 1200
+) -> ad.AnnData:
+    """Merged-ingest-like AnnData: 6 cell types, per-sample depth, MT genes."""
+    rng = np.random.default_rng(seed)
+    genes = (
+        [f"MT-G{i}" for i in range(6)]
+        + [f"RPL{i}" for i in range(10)]
+        + [f"G{i}" for i in range(n_genes - 16)]
+    )
+    base = rng.lognormal(-1.0, 1.3, n_genes)
+    types = []
+    for t in range(6):
+        prof = base.copy()
+        up = rng.choice(np.arange(16, n_genes), 40, replace=False)
+        prof[up] *= rng.uniform(4, 15, 40)
+        types.append(prof / prof.sum())
+    blocks, obs = [], []
+    for s in range(n_samples):
+        depth = 2500 * rng.uniform(0.7, 1.4)
+        lab = rng.integers(0, 6, n_cells)
+        p = np.array(types)[lab]
+        lib = depth * rng.lognormal(0, 0.3, (n_cells, 1))
+        mu = p * lib
+        blocks.append(sp.csr_matrix(rng.negative_binomial(5, 5 / (5 + mu)).astype(np.float32)))
+        obs.append(
+            pd.DataFrame(
+                {
+                    "sample": f"S{s}",
+                    "donor": f"D{s // 2}",
+                    "timepoint": ["baseline", "acute"][s % 2],
+                    "cell_type": lab,
+                },
+                index=[f"S{s}:c{i}" for i in range(n_cells)],
+            )
+        )
+    x = sp.vstack(blocks).tocsr()
+    o = pd.concat(obs)
+    o["sample"] = pd.Categorical(o["sample"])
+    o["donor"] = pd.Categorical(o["donor"])
+    o["timepoint"] = pd.Categorical(
+        o["timepoint"], categories=["baseline", "acute", "longterm"], ordered=True
+    )
+    a = ad.AnnData(x, obs=o, var=pd.DataFrame(index=genes))
+    a.layers["counts"] = a.X
+    return a
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _cohort()
+
+
+def _cfg(backend: str, **pp):
+    return load_config(
+        None,
+        {
+            "backend": backend,
+            "qc": {"doublets": "none", "min_genes": None},
+            "preprocess": {"n_top_genes": 300, "n_comps": 20, **pp},
+        },
+    )
+
+
+def _run(a: ad.AnnData, backend: str, device: str = "cpu", **pp):
+    cfg = _cfg(backend, **pp)
+    dev = torch.device(device)
+    units = [
+        qc_sample(a[a.obs["sample"] == s].copy(), cfg, device=dev)
+        for s in a.obs["sample"].cat.categories
+    ]
+    qc = merge_qc(units, cfg).adata
+    return run_preprocess(a, qc, cfg, device=dev), qc
+
+
+@pytest.fixture(scope="module")
+def scanpy_result(data):
+    return _run(data, "scanpy")
+
+
+def test_outputs_follow_scverse_conventions(data, scanpy_result):
+    res, qc = scanpy_result
+    out = res.adata
+    assert sp.issparse(out.X) and out.X.dtype == np.float32
+    assert sp.issparse(out.layers["counts"])
+    assert out.n_obs == int(qc.obs["qc_pass"].sum())
+    # counts unchanged for kept cells and genes
+    src = data[out.obs_names, out.var_names].layers["counts"]
+    assert (sp.csr_matrix(src) != out.layers["counts"]).nnz == 0
+    # X = log1p(counts / total * 1e4)
+    c = out.layers["counts"][:5].toarray()
+    np.testing.assert_allclose(
+        out.X[:5].toarray(), np.log1p(c / c.sum(1, keepdims=True) * 1e4), rtol=1e-5
+    )
+    assert out.var["highly_variable"].sum() == 300
+    assert {
+        "highly_variable_rank",
+        "means",
+        "variances",
+        "variances_norm",
+        "highly_variable_nbatches",
+    } <= set(out.var)
+    assert out.obsm["X_pca"].shape == (out.n_obs, 20)
+    assert out.varm["PCs"].shape == (out.n_vars, 20)
+    assert np.all(out.varm["PCs"][~out.var["highly_variable"].to_numpy()] == 0)
+    assert np.all(np.diff(out.uns["pca"]["variance_ratio"]) <= 1e-9)
+    assert {"total_counts", "pct_counts_mt", "qc_pass"} <= set(out.obs)
+    info = out.uns["immuneage"]["preprocess"]
+    assert info["backend"] == "scanpy" and info["n_cells_out"] == out.n_obs
+    assert list(res.tables["hvg"]["gene"][:3]) == list(
+        out.var.sort_values("highly_variable_rank").index[:3]
+    )
+
+
+def test_forced_genes_join_the_hvgs(data):
+    with pytest.warns(ImmuneageWarning, match="NOT_A_GENE"):
+        res, _ = _run(data, "scanpy", hvg_include=["G5", "G7", "NOT_A_GENE"])
+    var = res.adata.var
+    assert var.loc[["G5", "G7"], "highly_variable"].all()
+    assert var["hvg_forced"].sum() == len(
+        {"G5", "G7"} - set(var.index[var["highly_variable_rank"].notna()])
+    )
+
+
+def _match_pcs(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    return np.array([abs(np.corrcoef(a[:, i], b[:, i])[0, 1]) for i in range(k)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_match_scanpy(data, scanpy_result, device):
+    ref = scanpy_result[0].adata
+    got_res, _ = _run(data, "kernels", device)
+    got = got_res.adata
+    assert got.uns["immuneage"]["preprocess"]["backend"] == "kernels"
+    # same cells and genes, QC metrics equal
+    assert list(got.obs_names) == list(ref.obs_names)
+    assert list(got.var_names) == list(ref.var_names)
+    for col in ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo"):
+        np.testing.assert_allclose(got.obs[col], ref.obs[col], rtol=1e-6)
+    # normalised values within 1e-5 relative
+    assert (got.X.indptr == ref.X.indptr).all() and (got.X.indices == ref.X.indices).all()
+    np.testing.assert_allclose(got.X.data, ref.X.data, rtol=1e-5, atol=1e-6)
+    # HVG sets
+    a = set(got.var_names[got.var["highly_variable"]])
+    b = set(ref.var_names[ref.var["highly_variable"]])
+    assert len(a & b) / len(a | b) >= 0.95
+    # top-10 PCs
+    if a == b:
+        corr = _match_pcs(got.obsm["X_pca"], ref.obsm["X_pca"], 10)
+        assert corr.min() >= 0.99, corr
+        np.testing.assert_allclose(
+            got.uns["pca"]["variance_ratio"][:10], ref.uns["pca"]["variance_ratio"][:10], rtol=1e-3
+        )
+
+
+def test_kernels_pca_matches_scanpy_on_the_same_genes(data, scanpy_result):
+    """PCA alone, on exactly scanpy's HVGs (so differences are the solver's only)."""
+    from pipeline.stages.preprocess import pca
+
+    ref = scanpy_result[0].adata
+    got = ref.copy()
+    pca(got, _cfg("kernels").preprocess, 0, "kernels", torch.device("cpu"))
+    corr = _match_pcs(got.obsm["X_pca"], ref.obsm["X_pca"], 10)
+    assert corr.min() >= 0.99, corr
+
+
+def test_pca_is_deterministic_for_a_seed(data):
+    a, _ = _run(data, "kernels")
+    b, _ = _run(data, "kernels")
+    np.testing.assert_array_equal(a.adata.obsm["X_pca"], b.adata.obsm["X_pca"])
