@@ -81,7 +81,7 @@ def _write_text(path: Path, text: str, compress: bool) -> None:
     if compress:
         with (
             open(path, "wb") as raw,
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) as gz,
         ):
             gz.write(data)
     else:
