@@ -212,6 +212,11 @@ class QCConfig(_Section):
         lt=1,
         description="Doublet score threshold; null lets scrublet choose it.",
     )
+    min_cells_for_doublets: int = Field(
+        default=200,
+        ge=10,
+        description="Samples with fewer QC-passing cells get no doublet calls (scrublet's threshold is unreliable there); warned.",
+    )
     remove_doublets: bool = Field(
         default=True,
         description="Remove predicted doublets (scores and calls are kept in obs either way).",

@@ -106,6 +106,42 @@ def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, devi
             f"preprocess.hvg_batch_key {batch_key!r} is not an obs column; columns are: "
             f"{', '.join(map(str, adata.obs.columns))}"
         )
+    spans = [cfg.hvg_span] + [x for x in (0.5, 0.7, 0.9) if x > cfg.hvg_span]
+    for i, span in enumerate(spans):
+        try:
+            _hvg_once(adata, n_top, batch_key, span, backend, device)
+        except ValueError as exc:  # skmisc's LOESS: "near singularities" on tiny batches
+            if i == len(spans) - 1 or "singular" not in str(exc):
+                raise
+            import warnings
+
+            warnings.warn(
+                f"seurat_v3 LOESS fit failed at span {span} ({exc!s}); this happens with small "
+                f"batches of '{batch_key}'. Retrying with span {spans[i + 1]}",
+                ImmuneageWarning,
+                stacklevel=2,
+            )
+            continue
+        adata.uns.setdefault(keys.UNS, {})["hvg_span_used"] = span
+        break
+    forced = adata.var_names.isin(cfg.hvg_include)
+    absent = sorted(set(cfg.hvg_include) - set(adata.var_names))
+    if absent:
+        import warnings
+
+        warnings.warn(
+            f"preprocess.hvg_include: {len(absent)} genes are not in the data after filtering "
+            f"and are not forced in: {', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}",
+            ImmuneageWarning,
+            stacklevel=2,
+        )
+    adata.var["hvg_forced"] = forced & ~adata.var["highly_variable"].to_numpy(bool)
+    adata.var["highly_variable"] = adata.var["highly_variable"].to_numpy(bool) | forced
+
+
+def _hvg_once(
+    adata: ad.AnnData, n_top: int, batch_key: str | None, span: float, backend: str, device: Any
+) -> None:
     if backend == "kernels":
         from ..kernels import hvg_seurat_v3
 
@@ -114,7 +150,7 @@ def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, devi
             adata.layers[keys.COUNTS],
             n_top_genes=n_top,
             batch=batch,
-            span=cfg.hvg_span,
+            span=span,
             device=device,
             gene_names=adata.var_names,
         )
@@ -130,22 +166,9 @@ def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, devi
             layer=keys.COUNTS,
             n_top_genes=n_top,
             batch_key=batch_key,
-            span=cfg.hvg_span,
+            span=span,
         )
         adata.uns.pop("hvg", None)
-    forced = adata.var_names.isin(cfg.hvg_include)
-    absent = sorted(set(cfg.hvg_include) - set(adata.var_names))
-    if absent:
-        import warnings
-
-        warnings.warn(
-            f"preprocess.hvg_include: {len(absent)} genes are not in the data after filtering "
-            f"and are not forced in: {', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}",
-            ImmuneageWarning,
-            stacklevel=2,
-        )
-    adata.var["hvg_forced"] = forced & ~adata.var["highly_variable"].to_numpy(bool)
-    adata.var["highly_variable"] = adata.var["highly_variable"].to_numpy(bool) | forced
 
 
 def pca(adata: ad.AnnData, cfg: PreprocessConfig, seed: int, backend: str, device: Any) -> None:

@@ -243,7 +243,14 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     score = np.full(adata.n_obs, np.nan)
     called = np.zeros(adata.n_obs, bool)
     doublet_threshold = None
-    if q.doublets == "scrublet" and passed.sum() > 0:
+    if q.doublets == "scrublet" and 0 < passed.sum() < q.min_cells_for_doublets:
+        warnings.warn(
+            f"sample {sample!r}: only {int(passed.sum())} cells pass QC, fewer than "
+            f"qc.min_cells_for_doublets ({q.min_cells_for_doublets}); no doublets are called in it",
+            ImmuneageWarning,
+            stacklevel=2,
+        )
+    elif q.doublets == "scrublet" and passed.sum() > 0:
         idx = np.flatnonzero(passed)
         s, c, doublet_threshold = _scrublet(
             counts[idx], q, cfg.seed, "rapids" if backend == "rapids" else "scanpy"
