@@ -91,7 +91,8 @@ def to_scipy_csr(t: torch.Tensor) -> sparse.csr_matrix:
     crow = to_numpy(t.crow_indices())
     col = to_numpy(t.col_indices())
     values = to_numpy(t.values())
-    index_dtype = np.int32 if col.size < np.iinfo(np.int32).max else np.int64
+    largest = max(col.size, *t.shape)
+    index_dtype = np.int32 if largest < np.iinfo(np.int32).max else np.int64
     return sparse.csr_matrix(
         (values, col.astype(index_dtype, copy=False), crow.astype(index_dtype, copy=False)),
         shape=tuple(t.shape),

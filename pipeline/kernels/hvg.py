@@ -1,0 +1,210 @@
+"""Seurat v3 highly variable genes on raw counts, replicating scanpy's ``seurat_v3`` flavour.
+
+Algorithm (Stuart et al. 2019; ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")``):
+
+1. Per batch ``b`` with ``n_b`` cells, gene means ``m`` and unbiased variances ``v``
+   from sparse sums of ``x`` and ``x**2`` (device, float64; all batches in one pass by
+   scattering into a ``(n_batches * n_genes)`` vector).
+2. Loess (``skmisc.loess``, degree 2, ``span``) of ``log10 v`` on ``log10 m`` over the
+   genes with ``v > 0`` (host: per-gene vectors only); ``sigma = sqrt(10**fit)``,
+   ``sigma = 1`` for constant genes.
+3. Values clipped at ``c = m + sigma * sqrt(n_b)``; standardised variance
+   ``(n_b m**2 + sum min(x, c)**2 - 2 m sum min(x, c)) / ((n_b - 1) sigma**2)``
+   (device: sparse sums over the stored values; zeros contribute ``m**2`` each,
+   which the ``n_b m**2`` term accounts for).
+4. Per batch, genes ranked by decreasing standardised variance; ranks at or beyond
+   ``n_top_genes`` dropped; a gene's rank is the median of its remaining ranks and
+   ``highly_variable_nbatches`` the number of batches where it ranks within
+   ``n_top_genes``. Genes are sorted by (median rank ascending, nbatches descending,
+   gene order) and the first ``n_top_genes`` are highly variable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.errors import ImmuneageWarning
+from pipeline.kernels._device import as_device, to_numpy
+from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, as_csr, expand_rows, iter_row_chunks
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from numpy.typing import NDArray
+    from scipy import sparse
+
+__all__ = ["hvg_seurat_v3"]
+
+
+def _batch_codes(batch: NDArray | None, n_cells: int) -> tuple[NDArray[np.int64], int]:
+    if batch is None:
+        return np.zeros(n_cells, dtype=np.int64), 1
+    labels = np.asarray(batch)
+    if labels.shape != (n_cells,):
+        msg = f"batch must hold one label per cell ({n_cells}), got shape {labels.shape}"
+        raise ValueError(msg)
+    if pd.isna(labels).any():
+        msg = "batch labels must not be missing (NaN/None); label every cell's batch"
+        raise ValueError(msg)
+    # np.unique sorts the labels, as scanpy iterates batches in np.unique order.
+    uniques, codes = np.unique(labels, return_inverse=True)
+    return codes.astype(np.int64), len(uniques)
+
+
+def _loess_log_fit(mean: NDArray, var: NDArray, span: float) -> NDArray[np.float64]:
+    """Return ``sigma`` per gene: sqrt of the loess-fitted variance (1 for constant genes)."""
+    from skmisc.loess import loess
+
+    fitted = np.zeros(mean.shape, dtype=np.float64)
+    not_const = var > 0
+    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
+    model.fit()
+    fitted[not_const] = model.outputs.fitted_values
+    return np.sqrt(10.0**fitted)
+
+
+def _rank_genes(
+    norm_vars: NDArray[np.float64], n_top_genes: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:
+    """Median rank, number of batches in the top, and the selection (host, per gene)."""
+    # Rank 0 = most variable. argsort twice with numpy's default kind, like scanpy, so
+    # exact ties between genes break identically.
+    ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
+    in_top = ranks < n_top_genes
+    nbatches = in_top.sum(axis=0).astype(np.int64)
+    ranks[~in_top] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN
+        median_rank = np.nanmedian(ranks, axis=0).astype(np.float32)
+    # Stable sort by (rank ascending, NaN last; nbatches descending; gene order).
+    order = np.lexsort((-nbatches, np.where(np.isnan(median_rank), np.inf, median_rank)))
+    selected = np.zeros(norm_vars.shape[1], dtype=bool)
+    selected[order[:n_top_genes]] = True
+    return median_rank, nbatches, selected
+
+
+def hvg_seurat_v3(
+    counts: sparse.spmatrix | sparse.sparray,
+    *,
+    n_top_genes: int,
+    batch: NDArray | None = None,
+    span: float = 0.3,
+    device: torch.device | str,
+    gene_names: Sequence[str] | pd.Index | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> pd.DataFrame:
+    """Select highly variable genes as ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")``.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts, scipy sparse (never densified).
+    n_top_genes
+        Number of genes to select.
+    batch
+        Batch label of each cell (length ``n_cells``), or ``None`` for one batch.
+        Genes are ranked within each batch and the ranks combined as scanpy does.
+    span
+        Loess span (fraction of genes in each local fit).
+    device
+        Device the sums run on.
+    gene_names
+        Index of the returned frame (default: ``0..n_genes-1``).
+    chunk_size
+        Rows copied to the device at a time.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per gene, scanpy's columns: ``highly_variable`` (bool),
+        ``highly_variable_rank`` (float32; median rank over batches, NaN when never in
+        the top), ``means``, ``variances`` (float64, over all cells, ddof 1),
+        ``variances_norm`` (float64; mean over batches of the clipped standardised
+        variance) and, when ``batch`` is given, ``highly_variable_nbatches`` (int64).
+
+    Raises
+    ------
+    ValueError
+        ``n_top_genes`` is not positive, or ``batch`` has the wrong length or missing
+        labels.
+    """
+    csr = as_csr(counts)
+    n_cells, n_genes = csr.shape
+    if n_top_genes < 1:
+        msg = f"n_top_genes must be a positive number of genes, got {n_top_genes}"
+        raise ValueError(msg)
+    dev = as_device(device)
+    codes, n_batches = _batch_codes(batch, n_cells)
+    codes_d = torch.from_numpy(codes).to(dev)
+    f64 = torch.float64
+    size = n_batches * n_genes
+
+    # Pass 1: per-batch sums of x and x**2 (float64: exact for counts).
+    sum_x = torch.zeros(size, dtype=f64, device=dev)
+    sum_x2 = torch.zeros(size, dtype=f64, device=dev)
+    non_integer = False
+    for start, stop, block in iter_row_chunks(csr, device=dev, dtype=f64, chunk_size=chunk_size):
+        values = block.values()
+        slot = expand_rows(block, codes_d[start:stop] * n_genes) + block.col_indices()
+        sum_x.index_add_(0, slot, values)
+        sum_x2.index_add_(0, slot, values * values)
+        non_integer = non_integer or bool((values != torch.round(values)).any())
+    if non_integer:
+        warnings.warn(
+            "hvg_seurat_v3 expects raw counts, but non-integer values were found.",
+            ImmuneageWarning,
+            stacklevel=2,
+        )
+    n_b = torch.from_numpy(np.bincount(codes, minlength=n_batches).astype(np.float64)).to(dev)
+    sum_x = sum_x.view(n_batches, n_genes)
+    sum_x2 = sum_x2.view(n_batches, n_genes)
+    mean_b = sum_x / n_b[:, None]
+    # Unbiased variance, as scanpy (E[x^2] - E[x]^2) * n / (n - 1); a batch of one
+    # cell keeps the biased value, as scanpy does.
+    ddof_scale = torch.where(n_b > 1, n_b / (n_b - 1), torch.ones_like(n_b))
+    var_b = (sum_x2 / n_b[:, None] - mean_b**2) * ddof_scale[:, None]
+
+    n_all = float(n_cells)
+    mean_all = sum_x.sum(0) / n_all
+    var_all = (sum_x2.sum(0) / n_all - mean_all**2) * (n_all / (n_all - 1) if n_cells > 1 else 1.0)
+
+    # Loess of log variance on log mean, per batch, on the host.
+    mean_h, var_h = to_numpy(mean_b), to_numpy(var_b)
+    sigma = np.stack([_loess_log_fit(mean_h[b], var_h[b], span) for b in range(n_batches)])
+    sigma_d = torch.from_numpy(sigma).to(dev)
+    clip = (mean_b + sigma_d * torch.sqrt(n_b)[:, None]).reshape(-1)
+
+    # Pass 2: sums of clipped values and their squares over the stored values.
+    sum_c = torch.zeros(size, dtype=f64, device=dev)
+    sum_c2 = torch.zeros(size, dtype=f64, device=dev)
+    for start, stop, block in iter_row_chunks(csr, device=dev, dtype=f64, chunk_size=chunk_size):
+        slot = expand_rows(block, codes_d[start:stop] * n_genes) + block.col_indices()
+        clipped = torch.minimum(block.values(), clip[slot])
+        sum_c.index_add_(0, slot, clipped)
+        sum_c2.index_add_(0, slot, clipped * clipped)
+    sum_c = sum_c.view(n_batches, n_genes)
+    sum_c2 = sum_c2.view(n_batches, n_genes)
+    nb = n_b[:, None]
+    norm_vars = (nb * mean_b**2 + sum_c2 - 2 * sum_c * mean_b) / ((nb - 1) * sigma_d**2)
+
+    norm_h = to_numpy(norm_vars)
+    median_rank, nbatches, selected = _rank_genes(norm_h, n_top_genes)
+    index = pd.RangeIndex(n_genes) if gene_names is None else pd.Index(gene_names)
+    df = pd.DataFrame(
+        {
+            "highly_variable": selected,
+            "highly_variable_rank": median_rank,
+            "means": to_numpy(mean_all),
+            "variances": to_numpy(var_all),
+            "variances_norm": norm_h.mean(axis=0),
+        },
+        index=index,
+    )
+    if batch is not None:
+        df["highly_variable_nbatches"] = nbatches
+    return df
