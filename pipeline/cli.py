@@ -179,7 +179,7 @@ def _print_summary(summary: object) -> None:
 
 def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .config import demo_config, load_config
-    from .datasets import demo_cohort
+    from .datasets import SIZES, demo_cohort
     from .runner import Runner
 
     outdir = args.outdir.resolve()
@@ -188,10 +188,11 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     reuse = False
     if truth.exists():
         meta = json.loads(truth.read_text())
+        wanted = args.n_cells if args.n_cells is not None else SIZES[args.size]
         reuse = (
             meta.get("size") == args.size
             and meta.get("seed") == args.seed
-            and (args.n_cells is None or meta.get("n_cells_requested") == args.n_cells)
+            and meta.get("n_cells_requested") == wanted
         )
     if reuse:
         log.info("reusing the demo cohort in %s", cohort_dir)

@@ -106,7 +106,7 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sheet = read_samplesheet(Path(samplesheet), cfg.design, cfg.ingest)
-        summaries = [inspect_counts(row.path) for row in sheet.rows]
+        summaries = [inspect_counts(row.path, sample=row.sample) for row in sheet.rows]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     shared = set(summaries[0].genes)
