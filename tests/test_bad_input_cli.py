@@ -1,0 +1,184 @@
+"""Bad input through the real CLI: exit code 2, a message naming the culprit, no output, inputs untouched."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import pytest
+from conftest import tree_checksums, write_cohort
+
+from pipeline.cli import main
+
+
+def _sheet(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / "samplesheet.csv", dtype=str, keep_default_na=False)
+
+
+def _save(root: Path, df: pd.DataFrame) -> None:
+    df.to_csv(root / "samplesheet.csv", index=False)
+
+
+def missing_column(root: Path) -> str:
+    _save(root, _sheet(root).drop(columns=["donor"]))
+    return "donor"
+
+
+def empty_sheet(root: Path) -> str:
+    _save(root, _sheet(root).iloc[:0])
+    return "no samples"
+
+
+def duplicate_sample(root: Path) -> str:
+    df = _sheet(root)
+    df.loc[1, "sample"] = df.loc[0, "sample"]
+    df.loc[1, "timepoint"] = "acute"
+    _save(root, df)
+    return "D1_baseline"
+
+
+def missing_path(root: Path) -> str:
+    df = _sheet(root)
+    df.loc[4, "path"] = "data/nope.h5ad"
+    _save(root, df)
+    return "nope.h5ad"
+
+
+def unknown_timepoint(root: Path) -> str:
+    df = _sheet(root)
+    df.loc[2, "timepoint"] = "week4"
+    _save(root, df)
+    return "week4"
+
+
+def same_donor_timepoint_twice(root: Path) -> str:
+    df = _sheet(root)
+    df.loc[1, "timepoint"] = "baseline"
+    _save(root, df)
+    return "baseline"
+
+
+def truncated_h5(root: Path) -> str:
+    p = root / "data" / "D1_acute.h5"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return "D1_acute.h5"
+
+
+def corrupt_mtx_dims(root: Path) -> str:
+    p = root / "data" / "D1_longterm_mtx" / "matrix.mtx.gz"
+    lines = gzip.decompress(p.read_bytes()).decode().splitlines()
+    i = next(k for k, line in enumerate(lines) if not line.startswith("%"))
+    g, c, n = lines[i].split()
+    lines[i] = f"{int(g) + 7} {c} {n}"
+    p.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    return "D1_longterm_mtx"
+
+
+def non_integer_counts(root: Path) -> str:
+    p = root / "data" / "D2_baseline.h5ad"
+    a = ad.read_h5ad(p)
+    a.X.data[:3] = 0.25
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(p)
+    return "D2_baseline"
+
+
+def negative_counts(root: Path) -> str:
+    p = root / "data" / "D3_baseline.h5ad"
+    a = ad.read_h5ad(p)
+    a.X.data[0] = -1
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(p)
+    return "D3_baseline"
+
+
+def nan_counts(root: Path) -> str:
+    p = root / "data" / "D3_baseline.h5ad"
+    a = ad.read_h5ad(p)
+    a.X.data[0] = float("nan")
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(p)
+    return "D3_baseline"
+
+
+def unknown_format(root: Path) -> str:
+    (root / "data" / "x.loom").write_text("not counts")
+    df = _sheet(root)
+    df.loc[0, "path"] = "data/x.loom"
+    _save(root, df)
+    return "x.loom"
+
+
+def bad_config_key(root: Path) -> str:
+    (root / "config.yaml").write_text("qc:\n  nmad: 3\n")
+    return "qc.nmad"
+
+
+def bad_config_value(root: Path) -> str:
+    (root / "config.yaml").write_text("preprocess:\n  n_top_genes: many\n")
+    return "preprocess.n_top_genes"
+
+
+def gpu_without_gpu(root: Path) -> str:
+    (root / "config.yaml").write_text("device: gpu\n")
+    return "no usable CUDA device"
+
+
+CASES: list[Callable[[Path], str]] = [
+    missing_column,
+    empty_sheet,
+    duplicate_sample,
+    missing_path,
+    unknown_timepoint,
+    same_donor_timepoint_twice,
+    truncated_h5,
+    corrupt_mtx_dims,
+    non_integer_counts,
+    negative_counts,
+    nan_counts,
+    unknown_format,
+    bad_config_key,
+    bad_config_value,
+    gpu_without_gpu,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
+def test_bad_input_exit_2_names_culprit_no_output(tmp_path, capsys, case):
+    import torch
+
+    if case is gpu_without_gpu and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    root = tmp_path / "in"
+    sheet = write_cohort(root, n_cells=25)
+    culprit = case(root)
+    before = tree_checksums(root)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "run",
+            "--samplesheet",
+            str(sheet),
+            "--config",
+            str(root / "config.yaml"),
+            "--outdir",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert culprit in err, err
+    assert "immuneage: error:" in err
+    assert not out.exists()
+    assert tree_checksums(root) == before
+    # validate finds the same problem without running anything
+    if case not in (non_integer_counts, negative_counts, nan_counts, gpu_without_gpu):
+        assert (
+            main(["validate", "--samplesheet", str(sheet), "--config", str(root / "config.yaml")])
+            == 2
+        )
+        assert culprit in capsys.readouterr().err
