@@ -28,12 +28,15 @@ from typing import Any
 import pandas as pd
 from anndata import AnnData
 
+from . import keys
+
 __all__ = [
     "TMP_MARKER",
     "Stamp",
     "atomic_path",
     "file_sha256",
     "path_sha256",
+    "read_h5ad_artifact",
     "read_stamp",
     "remove_stale_temporaries",
     "write_h5ad_atomic",
@@ -96,11 +99,41 @@ def write_table_atomic(path: Path, table: pd.DataFrame, *, index: bool = False) 
     return Path(path)
 
 
+#: uns flag: the file stores the counts once, in ``X`` (see :func:`write_h5ad_atomic`).
+X_IS_COUNTS = "immuneage_x_is_counts"
+
+
 def write_h5ad_atomic(path: Path, adata: AnnData) -> Path:
-    """Write an AnnData atomically (uncompressed h5ad; sparse matrices stay sparse)."""
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+    """Write an AnnData atomically (uncompressed h5ad; sparse matrices stay sparse).
+
+    When ``layers["counts"]`` is the very object in ``X`` (raw-count artifacts),
+    the matrix is stored once, in ``X``, with a flag in ``uns``;
+    :func:`read_h5ad_artifact` restores the layer. This halves the disk and the
+    memory of reading ingest artifacts back.
+    """
+    shared = adata.layers.get(keys.COUNTS) is not None and adata.layers[keys.COUNTS] is adata.X
+    if shared:
+        layer = adata.layers[keys.COUNTS]
+        del adata.layers[keys.COUNTS]
+        adata.uns[X_IS_COUNTS] = True
+    try:
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp)
+    finally:
+        if shared:
+            adata.uns.pop(X_IS_COUNTS, None)
+            adata.layers[keys.COUNTS] = layer
     return Path(path)
+
+
+def read_h5ad_artifact(path: Path) -> AnnData:
+    """Read an artifact written by :func:`write_h5ad_atomic` (restoring ``layers["counts"]``)."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(path)
+    if adata.uns.pop(X_IS_COUNTS, False):
+        adata.layers[keys.COUNTS] = adata.X
+    return adata
 
 
 def file_sha256(path: Path) -> str:

@@ -45,6 +45,7 @@ from .artifacts import (
     Stamp,
     path_sha256,
     path_signature,
+    read_h5ad_artifact,
     read_stamp,
     remove_stale_temporaries,
     stamp_path,
@@ -457,10 +458,8 @@ class Runner:
                     if not spec.inputs:
                         out = sample_func(row, self.cfg)
                     else:
-                        import anndata as ad
-
                         ups = [
-                            ad.read_h5ad(self._unit_artifact(get_stage(n), row.sample))
+                            read_h5ad_artifact(self._unit_artifact(get_stage(n), row.sample))
                             for n in spec.inputs
                         ]
                         out = sample_func(*ups, self.cfg, device=self._device)
@@ -486,9 +485,7 @@ class Runner:
         merge = self._func(spec, spec.func)
 
         def compute_merge() -> StageResult:
-            import anndata as ad
-
-            adatas = [ad.read_h5ad(self._unit_artifact(spec, r.sample)) for r in sheet.rows]
+            adatas = [read_h5ad_artifact(self._unit_artifact(spec, r.sample)) for r in sheet.rows]
             out = merge(adatas, self.cfg)
             return out if isinstance(out, StageResult) else StageResult(out)
 
@@ -507,9 +504,7 @@ class Runner:
         func = self._func(spec, spec.func)
 
         def compute() -> StageResult:
-            import anndata as ad
-
-            upstream = [ad.read_h5ad(self._artifact(get_stage(n))) for n in spec.inputs]
+            upstream = [read_h5ad_artifact(self._artifact(get_stage(n))) for n in spec.inputs]
             out = func(*upstream, self.cfg, device=self._device)
             return out if isinstance(out, StageResult) else StageResult(out)
 

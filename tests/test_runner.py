@@ -298,3 +298,18 @@ def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_afte
         assert (out / "tables" / f"{table}.tsv").read_bytes() == (
             ref / "tables" / f"{table}.tsv"
         ).read_bytes()
+
+
+def test_raw_count_artifacts_store_the_matrix_once(cohort, tmp_path):
+    import h5py
+
+    from pipeline.artifacts import read_h5ad_artifact
+
+    out = tmp_path / "out"
+    _run(cohort, out, until="ingest")
+    path = out / "ingest" / "ingest.h5ad"
+    with h5py.File(path, "r") as f:
+        assert "counts" not in f["layers"]
+    a = read_h5ad_artifact(path)
+    assert a.layers["counts"] is a.X
+    assert "immuneage_x_is_counts" not in a.uns

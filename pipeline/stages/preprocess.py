@@ -50,26 +50,28 @@ def filter_cells_genes(adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig)
             "re-run the qc stage (`immuneage run ... --from qc`)"
         )
     qobs = qc.obs.loc[adata.obs_names]
-    obs = adata.obs.copy()
-    for col in QC_COLUMNS:
-        obs[col] = qobs[col].to_numpy()
-    adata = ad.AnnData(
-        X=adata.layers[keys.COUNTS], obs=obs, var=adata.var.copy(), uns=dict(adata.uns)
-    )
-    adata.layers[keys.COUNTS] = adata.X
-    adata = adata[adata.obs["qc_pass"].to_numpy(bool)].copy()
-    if adata.n_obs == 0:
+    cells = qobs["qc_pass"].to_numpy(bool)
+    if not cells.any():
         raise InputError("no cell passed QC in any sample; see tables/qc_per_sample.tsv")
-    counts = sp.csr_matrix(adata.layers[keys.COUNTS])
-    n_cells = np.diff(counts.tocsc().indptr)
-    keep = n_cells >= cfg.min_cells_per_gene
-    adata = adata[:, keep].copy()
-    adata.var["n_cells_by_counts"] = n_cells[keep]
-    adata.layers[keys.COUNTS] = sp.csr_matrix(adata.layers[keys.COUNTS])
+    # slice the counts once (rows, then genes); X and layers["counts"] share that one copy
+    counts = sp.csr_matrix(adata.layers[keys.COUNTS])[np.flatnonzero(cells)]
+    counts.eliminate_zeros()
+    n_cells = np.bincount(counts.indices, minlength=counts.shape[1])
+    genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
+    if len(genes) < counts.shape[1]:
+        counts = counts[:, genes]
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
+    for col in QC_COLUMNS:
+        obs[col] = qobs[col].to_numpy()[cells]
     for col in (keys.SAMPLE, keys.DONOR):
-        if hasattr(adata.obs[col], "cat"):
-            adata.obs[col] = adata.obs[col].cat.remove_unused_categories()
-    return adata
+        if hasattr(obs[col], "cat"):
+            obs[col] = obs[col].cat.remove_unused_categories()
+    var = adata.var.iloc[genes].copy()
+    var["n_cells_by_counts"] = n_cells[genes]
+    out = ad.AnnData(X=counts, obs=obs, var=var, uns=dict(adata.uns))
+    out.layers[keys.COUNTS] = counts
+    return out
 
 
 def normalize(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: Any) -> None:
