@@ -21,6 +21,7 @@ immuneage's torch kernels (CPU or CUDA, the code CI tests), rapids-singlecell
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -32,6 +33,8 @@ from ..errors import ImmuneageWarning, InputError
 from ._backend import choose_backend, rapids
 from ._base import StageResult
 from .qc import QC_COLUMNS
+
+log = logging.getLogger("immuneage")
 
 if TYPE_CHECKING:
     import torch
@@ -248,6 +251,7 @@ def run_preprocess(
     """
     p = cfg.preprocess
     backend = choose_backend(cfg.backend, device)
+    log.info("preprocess: backend %s on %s", backend, getattr(device, "type", device))
     n_cells_in, n_genes_in = adata.n_obs, adata.n_vars
     out = filter_cells_genes(adata, qc, p)
     normalize(out, p, backend, device)

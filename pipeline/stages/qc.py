@@ -20,6 +20,7 @@ or is dropped with a warning when ``qc.on_failed_sample: drop``.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from .. import keys
 from ..errors import ImmuneageWarning, InputError
 from ._backend import choose_backend, rapids
 from ._base import StageResult
+
+log = logging.getLogger("immuneage")
 
 if TYPE_CHECKING:
     import torch
@@ -232,6 +235,7 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     """
     q = cfg.qc
     backend = choose_backend(cfg.backend, device)
+    log.debug("qc: backend %s on %s", backend, getattr(device, "type", device))
     counts = sp.csr_matrix(adata.layers[keys.COUNTS])
     sample = str(adata.obs[keys.SAMPLE].iloc[0])
     masks = gene_masks(adata.var_names, q)
