@@ -39,6 +39,7 @@ __all__ = [
     "read_h5ad_artifact",
     "read_stamp",
     "remove_stale_temporaries",
+    "write_dir_atomic",
     "write_h5ad_atomic",
     "write_json_atomic",
     "write_table_atomic",
@@ -136,6 +137,34 @@ def read_h5ad_artifact(path: Path) -> AnnData:
     return adata
 
 
+def write_dir_atomic(final: Path, writer: Callable[[Path], None]) -> list[Path]:
+    """Fill a temporary directory with ``writer`` and rename it to ``final``; return its files.
+
+    An existing ``final`` is replaced (moved aside, then deleted) only after the
+    new directory is complete.
+    """
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
+    old = final.with_name(f".{final.name}{TMP_MARKER}old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return sorted(p for p in final.rglob("*") if p.is_file())
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -170,14 +199,20 @@ def path_signature(path: Path) -> list[list[Any]]:
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete temporaries left by killed runs under ``root``; return what was removed."""
-    removed = []
+    """Delete temporaries (files and directories) left by killed runs under ``root``."""
+    import shutil
+
+    removed: list[Path] = []
     if not Path(root).is_dir():
         return removed
-    for p in Path(root).rglob(f"*{TMP_MARKER}*"):
-        if p.name.startswith(".") and p.is_file():
+    for p in sorted(Path(root).rglob(f".*{TMP_MARKER}*")):
+        if any(parent in removed for parent in p.parents):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink(missing_ok=True)
-            removed.append(p)
+        removed.append(p)
     return removed
 
 

@@ -49,6 +49,7 @@ from .artifacts import (
     read_stamp,
     remove_stale_temporaries,
     stamp_path,
+    write_dir_atomic,
     write_h5ad_atomic,
     write_json_atomic,
     write_table_atomic,
@@ -373,6 +374,11 @@ class Runner:
                 existed.add(tpath)
             write_table_atomic(tpath, table)
             written.append(tpath)
+        for name, writer in result.dirs.items():
+            final = artifact.parent / name
+            if final.exists():
+                existed |= set(final.rglob("*"))
+            written += write_dir_atomic(final, writer)
         expected.record_outputs(self.outdir, written)
         expected.info = {
             "wall_s": round(meter.wall_s, 3),

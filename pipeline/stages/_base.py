@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     import pandas as pd
     from anndata import AnnData
 
@@ -56,8 +59,12 @@ class StageSpec:
 class StageResult:
     """A stage's outputs: the AnnData handed downstream and named result tables.
 
-    Tables are written by the runner to ``<outdir>/tables/<name>.tsv``.
+    Tables are written by the runner to ``<outdir>/tables/<name>.tsv``. ``dirs``
+    maps a directory name to a writer ``writer(path)`` that fills a fresh
+    directory (e.g. a saved model); the runner calls it on a temporary directory
+    and renames it to ``<outdir>/<stage>/<name>/`` once complete.
     """
 
     adata: AnnData
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    dirs: dict[str, Callable[[Path], None]] = field(default_factory=dict)
