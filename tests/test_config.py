@@ -70,7 +70,8 @@ def _write(tmp_path: Path, text: str) -> Path:
             [
                 "devce",
                 "unknown key",
-                "allowed keys here: design, device, ingest, preprocess, qc, seed",
+                "allowed keys here:",
+                "backend, design, device",
             ],
         ),
         ("device: tpu\n", ["device", "'auto', 'cpu' or 'gpu'", "tpu"]),
