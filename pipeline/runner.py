@@ -246,7 +246,8 @@ class Runner:
                 if sample is None:
                     for p in remove_stale_temporaries(self.outdir):
                         log.info("removed a temporary left by an interrupted run: %s", p)
-                if stage is not None:
+                if stage is not None and not get_stage(stage).per_sample:
+                    # per-sample stages check their upstream units sample by sample
                     self._require_upstream(get_stage(stage))
                 for name in selected:
                     spec = get_stage(name)

@@ -139,6 +139,22 @@ def test_single_sample_unit_then_merge(cohort, tmp_path):
     assert (out / "ingest" / "ingest.h5ad").is_file()
 
 
+def test_slurm_like_sequence_of_per_sample_tasks(cohort, tmp_path):
+    """ingest array, then qc array (before any merge), then one whole run merging everything."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="--stage ingest --sample D1_acute"):
+        _run(cohort, out, stage="qc", sample="D1_acute")
+    for s in SAMPLES:
+        assert _run(cohort, out, stage="ingest", sample=s).stages == {"ingest": "ran"}
+    for s in SAMPLES:
+        assert _run(cohort, out, stage="qc", sample=s).stages == {"qc": "ran"}
+    assert not (out / "ingest" / "ingest.h5ad").exists()
+    assert _run(cohort, out).stages == ALL  # merges run; no unit is redone
+    st = read_stamp(stamp_path(out / "qc" / "samples" / "D1_acute.h5ad"))
+    assert st is not None and st.unit == "D1_acute"
+    assert _run(cohort, out).stages == CURRENT
+
+
 def test_unknown_sample_is_an_input_error(cohort, tmp_path):
     with pytest.raises(InputError, match="not in"):
         _run(cohort, tmp_path / "out", stage="ingest", sample="nope")
