@@ -9,8 +9,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 import scipy.sparse as sp
+import yaml
 
 from pipeline.io.write10x import write_10x_h5, write_10x_mtx
 

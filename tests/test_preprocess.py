@@ -43,7 +43,7 @@ def _cohort(
     )
     base = rng.lognormal(-1.0, 1.3, n_genes)
     types = []
-    for t in range(6):
+    for _ in range(6):
         prof = base.copy()
         up = rng.choice(np.arange(16, n_genes), 40, replace=False)
         prof[up] *= rng.uniform(4, 15, 40)
