@@ -243,7 +243,9 @@ def test_gpu_request_without_gpu_is_an_error(cohort, tmp_path):
 
 
 def _read_all(out: Path) -> dict[str, ad.AnnData]:
-    return {p.name: ad.read_h5ad(p) for p in sorted((out / "ingest").rglob("*.h5ad"))}
+    from pipeline.artifacts import read_h5ad_artifact
+
+    return {p.name: read_h5ad_artifact(p) for p in sorted((out / "ingest").rglob("*.h5ad"))}
 
 
 def _read_all_qc(out: Path) -> dict[str, pd.DataFrame]:
