@@ -31,3 +31,14 @@ UNS = "immuneage"
 X_PCA = "X_pca"
 X_SCVI = "X_scVI"
 X_UMAP = "X_umap"
+
+# obs columns written by cluster / annotate
+LEIDEN = "leiden"
+CELL_TYPE = "cell_type"
+CELL_TYPE_COARSE = "cell_type_coarse"
+CELL_TYPE_CONFIDENCE = "cell_type_confidence"
+CELL_TYPE_CELL_LEVEL = "cell_type_cell_level"
+#: obsm key of the per-cell, per-type annotation scores (a DataFrame).
+CELL_TYPE_SCORES = "cell_type_scores"
+#: Label of cells no type could be given to with enough confidence.
+UNASSIGNED = "unassigned"

@@ -499,9 +499,26 @@ class Runner:
         outputs += self._execute(spec, expected, artifact, compute_merge, f"{spec.name} (merge)")
         return "ran", outputs
 
+    def _config_file_inputs(self, spec: StageSpec) -> dict[str, str]:
+        """Content hashes of files named in the config that the stage reads."""
+        out = {}
+        for dotted in spec.config_files:
+            value: Any = self.cfg
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            if value is None:
+                continue
+            path = Path(value)
+            if not path.exists():
+                raise InputError(
+                    f"{dotted}: file {path} does not exist; fix the path in the config"
+                )
+            out[f"config_file:{dotted}"] = path_sha256(path)
+        return out
+
     def _run_cohort(self, spec: StageSpec, *, force: bool) -> tuple[str, list[Path]]:
         artifact = self._artifact(spec)
-        inputs = self._upstream_inputs(spec)
+        inputs = {**self._upstream_inputs(spec), **self._config_file_inputs(spec)}
         expected = Stamp(
             spec.name, None, __version__, inputs, section_digest(self.cfg, *spec.sections)
         )

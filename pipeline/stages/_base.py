@@ -35,6 +35,10 @@ class StageSpec:
         Config sections whose values are hashed into the stamp.
     outputs
         Files written, relative to the output directory (for documentation).
+    config_files
+        Dotted config keys whose values are paths of files the stage reads
+        (e.g. ``annotate.markers``); their content hashes join the stamp, so
+        editing such a file in place re-runs the stage.
     sample_func
         For per-sample stages: ``sample_func(row, cfg) -> AnnData`` run once per
         sample (one Slurm array task each); ``func`` then merges the samples.
@@ -47,6 +51,7 @@ class StageSpec:
     inputs: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    config_files: tuple[str, ...] = ()
     sample_func: str | None = None
 
     @property
