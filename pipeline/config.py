@@ -29,10 +29,13 @@ from pydantic import (
 from .errors import ConfigError
 
 __all__ = [
+    "AnnotateConfig",
+    "ClusterConfig",
     "Config",
     "Contrast",
     "DesignConfig",
     "IngestConfig",
+    "IntegrateConfig",
     "PreprocessConfig",
     "QCConfig",
     "commented_yaml",
@@ -283,6 +286,117 @@ class PreprocessConfig(_Section):
     )
 
 
+class IntegrateConfig(_Section):
+    """Integration of samples with scVI (scvi-tools) on the HVG counts."""
+
+    batch_key: str = Field(
+        default="sample",
+        description=(
+            "obs column scVI corrects for (a sequencing batch, the sample, ...). Never 'timepoint': "
+            "correcting on the variable under test erases the effect the study looks for."
+        ),
+    )
+    categorical_covariates: list[str] = Field(
+        default_factory=list, description="Extra categorical obs columns scVI conditions on."
+    )
+    continuous_covariates: list[str] = Field(
+        default_factory=list, description="Extra continuous obs columns scVI conditions on."
+    )
+    n_latent: int = Field(
+        default=30, ge=2, description="Dimensions of the scVI latent space (obsm['X_scVI'])."
+    )
+    n_hidden: int = Field(default=128, ge=8, description="Hidden units per layer.")
+    n_layers: int = Field(default=2, ge=1, description="Hidden layers in encoder and decoder.")
+    gene_likelihood: Literal["zinb", "nb", "poisson"] = Field(
+        default="nb", description="Count distribution of the decoder."
+    )
+    max_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Training epochs; null uses scvi-tools' heuristic (about 400 for 20k cells, fewer for more).",
+    )
+    batch_size: int = Field(default=128, ge=8, description="Minibatch size.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    early_stopping: bool = Field(
+        default=True, description="Stop when the validation ELBO stops improving."
+    )
+    early_stopping_patience: int = Field(
+        default=10, ge=1, description="Epochs without improvement before stopping."
+    )
+    metrics_max_cells: int = Field(
+        default=20000,
+        ge=100,
+        description="Cells (a seeded random subset) used for the integration metrics; they are O(n log n) to O(n^2).",
+    )
+
+    @model_validator(mode="after")
+    def _not_the_variable_under_test(self) -> IntegrateConfig:
+        banned = "timepoint"
+        for where, cols in (
+            ("batch_key", [self.batch_key]),
+            ("categorical_covariates", self.categorical_covariates),
+            ("continuous_covariates", self.continuous_covariates),
+        ):
+            if banned in cols:
+                raise ValueError(
+                    f"{where} must not be 'timepoint': scVI would remove the differences between "
+                    "timepoints, which are the effect this pipeline tests. Use the sample or a "
+                    "technical batch column instead"
+                )
+        return self
+
+
+class ClusterConfig(_Section):
+    """Neighbour graph on the scVI latent space, Leiden clustering and UMAP."""
+
+    n_neighbors: int = Field(
+        default=15, ge=2, description="Neighbours per cell in the kNN graph (on obsm['X_scVI'])."
+    )
+    resolutions: list[float] = Field(
+        default=[0.5, 1.0],
+        min_length=1,
+        description="Leiden resolutions; each gives obs['leiden_<resolution>'].",
+    )
+    resolution: float = Field(
+        default=1.0,
+        gt=0,
+        description="The resolution whose clusters annotation votes over (obs['leiden']).",
+    )
+    umap_min_dist: float = Field(default=0.5, ge=0, description="UMAP min_dist.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if any(r <= 0 for r in self.resolutions):
+            raise ValueError("resolutions must be positive")
+        if self.resolution not in self.resolutions:
+            raise ValueError(
+                f"resolution {self.resolution} must be one of resolutions {self.resolutions}"
+            )
+        return self
+
+
+class AnnotateConfig(_Section):
+    """Immune cell-type annotation from a cited marker panel (or a CellTypist model file)."""
+
+    markers: str | None = Field(
+        default=None,
+        description="YAML marker file (same layout as the shipped panel); null uses the shipped PBMC panel.",
+    )
+    celltypist_model: str | None = Field(
+        default=None,
+        description="Path to a CellTypist model (.pkl) to use instead of the marker panel (no download at run time).",
+    )
+    majority_voting: bool = Field(
+        default=True, description="Refine per-cell labels by majority vote within Leiden clusters."
+    )
+    min_confidence: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Cells whose label confidence is below this are 'unassigned'.",
+    )
+
+
 class Config(_Section):
     """A complete immuneage run configuration."""
 
@@ -304,6 +418,9 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    integrate: IntegrateConfig = Field(default_factory=IntegrateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -342,7 +459,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  - {path}: {msg}{shown}")
-    lines.append("Fix these keys (see docs/config.md and docs/config.schema.json), then run again.")
+    lines.append(
+        "Fix these keys (all keys with their defaults and help: configs/default.yaml), then run again."
+    )
     return "\n".join(lines)
 
 
@@ -440,7 +559,12 @@ def dump_config(cfg: Config) -> str:
 #: What the built-in demo changes relative to the defaults (``configs/demo.yaml``
 #: is this, written out; a test keeps the two identical). The demo cohort uses
 #: the study's design (baseline, acute, longterm), which is also the default.
-DEMO_OVERRIDES: dict[str, Any] = {"seed": 0, "device": "auto"}
+DEMO_OVERRIDES: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    # a fixed, short scVI training keeps the demo a few minutes on a laptop CPU
+    "integrate": {"max_epochs": 25, "early_stopping": False},
+}
 
 
 def demo_config() -> Config:

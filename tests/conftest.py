@@ -19,6 +19,13 @@ from pipeline.io.write10x import write_10x_h5, write_10x_mtx
 SMALL_OVERRIDES = {
     "qc": {"doublets": "none", "min_genes": None, "max_pct_mt": None},
     "preprocess": {"n_top_genes": 100, "n_comps": 10, "min_cells_per_gene": 1},
+    "integrate": {
+        "max_epochs": 2,
+        "early_stopping": False,
+        "n_latent": 5,
+        "metrics_max_cells": 200,
+    },
+    "cluster": {"resolutions": [1.0]},
 }
 
 DONORS = ("D1", "D2", "D3")

@@ -28,10 +28,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     qc = pd.read_csv(res / "tables" / "qc_per_sample.tsv", sep="\t")
     assert len(qc) == 39 and (qc["cells_out"] <= qc["cells_in"]).all()
     prov = json.loads((res / "provenance.json").read_text())
-    assert set(prov["stages"]) == {"ingest", "qc", "preprocess"}
+    assert set(prov["stages"]) == {"ingest", "qc", "preprocess", "integrate", "cluster", "annotate"}
+    final = ad.read_h5ad(res / "annotate" / "annotate.h5ad")
+    assert {"X_scVI", "X_umap"} <= set(final.obsm)
+    assert final.obs["cell_type"].nunique() >= 10
     assert prov["device"]["resolved"] == "cpu"
     # second call reuses the cohort and skips every stage
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr
     assert "reusing the demo cohort" in r2.stderr
-    assert r2.stdout.count("up to date") == 3
+    assert r2.stdout.count("up to date") == 6

@@ -419,7 +419,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_kernels_do_not_densify():
-    """On 20,000 x 30,000 at 1 % (dense float32: 2.4 GB) the peak RSS grows < 600 MB."""
+    """On 20,000 x 30,000 at 1 % (dense float32: 2.4 GB) the peak RSS grows by under half of
+    one dense copy (typically ~250 MB: the CSR input is 48 MB, its transforms a few copies)."""
     dense_mb = 20_000 * 30_000 * 4 / 2**20
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -431,4 +432,6 @@ def test_kernels_do_not_densify():
             timeout=120,
         )
     growth_mb = float(out.stdout.strip().splitlines()[-1])
-    assert growth_mb < 600, f"peak RSS grew by {growth_mb:.0f} MB (dense: {dense_mb:.0f} MB)"
+    assert growth_mb < dense_mb / 2, (
+        f"peak RSS grew by {growth_mb:.0f} MB (dense: {dense_mb:.0f} MB)"
+    )

@@ -16,7 +16,13 @@ import pandas as pd
 import pytest
 from conftest import SMALL_OVERRIDES, tree_checksums, write_cohort
 
-from pipeline.artifacts import atomic_path, read_stamp, remove_stale_temporaries, stamp_path
+from pipeline.artifacts import (
+    atomic_path,
+    read_h5ad_artifact,
+    read_stamp,
+    remove_stale_temporaries,
+    stamp_path,
+)
 from pipeline.config import load_config
 from pipeline.errors import InputError, LockError
 from pipeline.lock import outdir_lock
@@ -25,8 +31,9 @@ from pipeline.runner import Runner
 SAMPLES = [f"{d}_{t}" for d in ("D1", "D2", "D3") for t in ("baseline", "acute", "longterm")]
 
 
-ALL = {"ingest": "ran", "qc": "ran", "preprocess": "ran"}
-CURRENT = {"ingest": "up to date", "qc": "up to date", "preprocess": "up to date"}
+STAGES = ("ingest", "qc", "preprocess", "integrate", "cluster", "annotate")
+ALL = dict.fromkeys(STAGES, "ran")
+CURRENT = dict.fromkeys(STAGES, "up to date")
 
 
 def _cfg(**extra):
@@ -116,7 +123,10 @@ def test_config_change_reruns_the_stage(cohort, tmp_path):
         seed=7,
         preprocess={**SMALL_OVERRIDES["preprocess"], "n_comps": 5},
     )
-    assert Runner(cohort, cfg3, out).run().stages == {**CURRENT, "preprocess": "ran"}
+    assert Runner(cohort, cfg3, out).run().stages == {
+        **CURRENT,
+        **dict.fromkeys(("preprocess", "integrate", "cluster", "annotate"), "ran"),
+    }
 
 
 def test_missing_artifact_is_rebuilt(cohort, tmp_path):
@@ -262,8 +272,8 @@ def killable(tmp_path_factory):
     return sheet, ref
 
 
-# 21 stamps in all: 9 ingest units + merge, 9 qc units + merge, preprocess
-@pytest.mark.parametrize("kill_after_stamps", [0, 3, 10, 14, 20])
+# 24 stamps in all: 9 ingest units + merge, 9 qc units + merge, then one per cohort stage
+@pytest.mark.parametrize("kill_after_stamps", [0, 3, 10, 14, 20, 22])
 def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_after_stamps):
     """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""
     sheet, ref = killable
@@ -312,7 +322,10 @@ def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_afte
     a, b = (ad.read_h5ad(d / "preprocess" / "preprocess.h5ad") for d in (out, ref))
     np.testing.assert_array_equal(a.obsm["X_pca"], b.obsm["X_pca"])
     assert (a.X != b.X).nnz == 0
-    for table in ("ingest_samples", "qc_per_sample", "hvg"):
+    a, b = (read_h5ad_artifact(d / "annotate" / "annotate.h5ad") for d in (out, ref))
+    np.testing.assert_array_equal(a.obsm["X_scVI"], b.obsm["X_scVI"])
+    assert (a.obs["cell_type"] == b.obs["cell_type"]).all()
+    for table in ("ingest_samples", "qc_per_sample", "hvg", "cell_type_counts"):
         assert (out / "tables" / f"{table}.tsv").read_bytes() == (
             ref / "tables" / f"{table}.tsv"
         ).read_bytes()

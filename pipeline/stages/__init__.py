@@ -45,6 +45,44 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("seed", "backend", "preprocess"),
         outputs=("preprocess/preprocess.h5ad", "tables/hvg.tsv"),
     ),
+    StageSpec(
+        name="integrate",
+        summary="scVI on the HVG counts (batch = sample by default; GPU when present), integration metrics PCA vs scVI",
+        module="pipeline.stages.integrate",
+        func="run_integrate",
+        inputs=("preprocess",),
+        sections=("seed", "integrate"),
+        outputs=(
+            "integrate/integrate.h5ad",
+            "integrate/scvi_model/",
+            "tables/scvi_history.tsv",
+            "tables/integration_metrics.tsv",
+        ),
+    ),
+    StageSpec(
+        name="cluster",
+        summary="kNN graph on X_scVI, Leiden at each resolution, UMAP",
+        module="pipeline.stages.cluster",
+        func="run_cluster",
+        inputs=("integrate",),
+        sections=("seed", "backend", "cluster"),
+        outputs=("cluster/cluster.h5ad",),
+    ),
+    StageSpec(
+        name="annotate",
+        summary="immune cell types from a cited marker panel with cluster majority voting (or a CellTypist model file)",
+        module="pipeline.stages.annotate",
+        func="run_annotate",
+        inputs=("cluster",),
+        sections=("seed", "cluster", "annotate"),
+        config_files=("annotate.markers", "annotate.celltypist_model"),
+        outputs=(
+            "annotate/annotate.h5ad",
+            "tables/marker_coverage.tsv",
+            "tables/cell_type_counts.tsv",
+            "tables/cell_type_clusters.tsv",
+        ),
+    ),
 )
 
 

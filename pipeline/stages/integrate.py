@@ -1,0 +1,419 @@
+"""Stage ``integrate``: scVI latent space of the samples, corrected for the batch key.
+
+Reads the preprocess AnnData and
+
+1. checks that ``integrate.batch_key`` and every covariate are ``obs`` columns
+   (an :class:`~pipeline.errors.InputError` listing the columns otherwise),
+   without missing values, continuous covariates numeric and finite; warns
+   (:class:`~pipeline.errors.ImmuneageWarning`) when the batch key is the donor,
+   because correcting on the donor also removes donor-level biology;
+2. trains scvi-tools' :class:`~scvi.model.SCVI` on the raw counts
+   (``layers["counts"]``) of the highly variable genes, conditioned on the batch
+   key and the covariates, with the model size, likelihood, epochs, minibatch
+   size, learning rate and early stopping of ``cfg.integrate``;
+   ``scvi.settings.seed = cfg.seed``; on the run's device (lightning
+   accelerator ``gpu`` for a CUDA device, else ``cpu``; one device). The
+   validation ELBO is computed every epoch (it feeds early stopping and the
+   history table);
+3. writes the posterior mean of the latent space to ``obsm["X_scVI"]`` and
+   computes integration metrics of ``X_pca`` vs ``X_scVI``
+   (:func:`pipeline.stats.integration.integration_metrics`, without cell-type
+   labels, which do not exist yet; see that module for what is reported).
+
+Progress bars are off; lightning's and scvi-tools' informational chatter (and
+the early-stopping message scvi-tools prints to stdout) goes to the
+``immuneage`` logger at DEBUG/INFO level instead of the terminal.
+
+Determinism: on the CPU the same seed gives a bit-identical ``X_scVI`` (tested).
+On CUDA, cuBLAS reductions are not bit-reproducible; expect small differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .. import keys
+from ..errors import ImmuneageWarning, InputError
+from ._base import StageResult
+
+if TYPE_CHECKING:
+    import scvi
+    import torch
+
+    from ..config import Config, IntegrateConfig
+
+__all__ = ["check_integrate_inputs", "run_integrate", "scvi_accelerator", "train_scvi"]
+
+log = logging.getLogger("immuneage")
+
+#: Loggers silenced (to WARNING) while scVI trains.
+_CHATTY_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning_fabric",
+    "pytorch_lightning",
+    "scvi",
+)
+#: Warnings of lightning and torch that say nothing about the user's data.
+_NOISE = (
+    r".*does not have many workers.*",
+    r".*LeafSpec.*",
+    r".*litlogger.*",
+    r".*smaller than the logging interval.*",
+    r".*cells moved from training set to validation set.*",
+)
+
+
+
+def max_epochs_heuristic(n_cells: int) -> int:
+    """scvi-tools' default epoch count: 400 up to 20k cells, then 400 * 20k / n (at least 1)."""
+    return max(1, min(400, round(20_000 / max(n_cells, 1) * 400)))
+
+def scvi_accelerator(device: torch.device | str) -> tuple[str, int | list[int]]:
+    """Lightning ``(accelerator, devices)`` for the run's device.
+
+    ``("gpu", [index])`` for ``cuda:<index>``, ``("gpu", 1)`` for ``cuda``,
+    ``("cpu", 1)`` otherwise.
+    """
+    import torch
+
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cuda":
+        return "gpu", ([dev.index] if dev.index is not None else 1)
+    return "cpu", 1
+
+
+def _columns_message(adata: ad.AnnData) -> str:
+    return ", ".join(map(str, adata.obs.columns))
+
+
+def check_integrate_inputs(adata: ad.AnnData, cfg: IntegrateConfig) -> None:
+    """Check the columns, layers and genes scVI will read; warn about a donor batch key.
+
+    Raises
+    ------
+    InputError
+        A batch or covariate column is missing or has missing values, a
+        continuous covariate is not numeric and finite, ``layers["counts"]``
+        or ``var["highly_variable"]`` is missing, or fewer than two HVGs.
+    """
+    roles = [("integrate.batch_key", cfg.batch_key)]
+    roles += [("integrate.categorical_covariates", c) for c in cfg.categorical_covariates]
+    roles += [("integrate.continuous_covariates", c) for c in cfg.continuous_covariates]
+    for where, col in roles:
+        if col not in adata.obs.columns:
+            raise InputError(
+                f"{where} names obs column {col!r}, which this data does not have; "
+                f"columns are: {_columns_message(adata)}. Extra sample sheet columns "
+                "(e.g. a sequencing batch) become obs columns"
+            )
+        n_missing = int(adata.obs[col].isna().sum())
+        if n_missing:
+            raise InputError(
+                f"{where}: obs column {col!r} has {n_missing} cells without a value; "
+                "fill it in the sample sheet for every sample"
+            )
+    for col in cfg.continuous_covariates:
+        values = pd.to_numeric(adata.obs[col], errors="coerce").to_numpy(dtype=float)
+        if not np.isfinite(values).all():
+            raise InputError(
+                f"integrate.continuous_covariates: obs column {col!r} must be numeric and finite "
+                f"in every cell (e.g. {adata.obs[col].iloc[int(np.argmin(np.isfinite(values)))]!r})"
+            )
+    if keys.COUNTS not in adata.layers:
+        raise InputError(
+            f"integrate needs raw counts in layers[{keys.COUNTS!r}]; this AnnData has layers "
+            f"{sorted(adata.layers)}. Run the preprocess stage first"
+        )
+    if "highly_variable" not in adata.var:
+        raise InputError(
+            "integrate needs var['highly_variable'] from the preprocess stage; run it first"
+        )
+    n_hvg = int(adata.var["highly_variable"].to_numpy(bool).sum())
+    if n_hvg < 2:
+        raise InputError(f"integrate needs at least 2 highly variable genes, found {n_hvg}")
+    if cfg.batch_key == keys.DONOR:
+        warnings.warn(
+            "integrate.batch_key is 'donor': scVI will remove the differences between donors, "
+            "including real donor-level biology (age, genotype, baseline inflammation) that "
+            "paired tests across donors rely on. Prefer the sample or a technical batch column",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
+    n_batches = adata.obs[cfg.batch_key].nunique()
+    if n_batches < 2:
+        warnings.warn(
+            f"integrate.batch_key {cfg.batch_key!r} has a single value: scVI has no batch to "
+            "correct and iLISI cannot be computed",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_training() -> Iterator[None]:
+    """Silence lightning/scvi info logs, progress output and noise warnings; log stdout text."""
+    saved = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
+    buf = io.StringIO()
+    try:
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            for pattern in _NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        for line in buf.getvalue().splitlines():
+            if line.strip():
+                log.info("integrate: scvi-tools: %s", line.strip())
+
+
+def _scvi_input(adata: ad.AnnData, cfg: IntegrateConfig) -> ad.AnnData:
+    """The HVG counts and the obs columns scVI reads, as a new (lean) AnnData."""
+    import scipy.sparse as sp
+
+    hv = adata.var["highly_variable"].to_numpy(bool)
+    cols = list(
+        dict.fromkeys([cfg.batch_key, *cfg.categorical_covariates, *cfg.continuous_covariates])
+    )
+    obs = pd.DataFrame(index=adata.obs_names.copy())
+    for col in cols:
+        if col in cfg.continuous_covariates:
+            obs[col] = pd.to_numeric(adata.obs[col]).to_numpy(dtype=np.float32)
+        else:
+            values = adata.obs[col]
+            if isinstance(values.dtype, pd.CategoricalDtype):
+                values = values.cat.remove_unused_categories()
+            obs[col] = values.astype(str).astype("category")
+    counts = adata.layers[keys.COUNTS]
+    counts = counts[:, np.flatnonzero(hv)] if sp.issparse(counts) else np.asarray(counts)[:, hv]
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+    lean = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names[hv].copy()))
+    lean.layers[keys.COUNTS] = counts
+    return lean
+
+
+def _history_table(history: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per epoch, one column per logged quantity (``epoch`` first)."""
+    frames = [df.astype(float) for df in history.values() if len(df)]
+    if not frames:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    table = pd.concat(frames, axis=1).sort_index()
+    table.index = table.index.astype(int)
+    return table.rename_axis("epoch").reset_index()
+
+
+def _last(history: dict[str, pd.DataFrame], key: str) -> float:
+    df = history.get(key)
+    if df is None or not len(df):
+        return float("nan")
+    return float(df.iloc[-1, 0])
+
+
+def _output(adata: ad.AnnData) -> ad.AnnData:
+    """A new AnnData sharing the input's matrices (never modified) with its own obs/var/obsm/uns."""
+    return ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        uns=copy.deepcopy(dict(adata.uns)),
+        obsm=dict(adata.obsm.items()),
+        varm=dict(adata.varm.items()),
+        layers=dict(adata.layers.items()),
+        obsp=dict(adata.obsp.items()),
+    )
+
+
+def train_scvi(
+    adata: ad.AnnData,
+    cfg: Config,
+    *,
+    device: torch.device | str = "cpu",
+    max_epochs: int | None = None,
+) -> scvi.model.SCVI:
+    """Set up and train :class:`scvi.model.SCVI` on all genes of ``adata`` (quietly).
+
+    Parameters
+    ----------
+    adata
+        Counts in ``layers["counts"]`` (the genes to model, e.g. the HVGs) and
+        the batch and covariate columns named in ``cfg.integrate`` in ``obs``;
+        registered with scvi-tools in place.
+    cfg
+        Run configuration (reads ``integrate`` and ``seed``).
+    device
+        The run's device.
+    max_epochs
+        Overrides ``cfg.integrate.max_epochs``; ``None`` with a ``None`` config
+        value uses scvi-tools' heuristic.
+
+    Returns
+    -------
+    The trained model (its ``history`` holds the per-epoch losses).
+    """
+    import scvi
+
+    ic = cfg.integrate
+    accelerator, devices = scvi_accelerator(device)
+    epochs = max_epochs if max_epochs is not None else ic.max_epochs
+    if epochs is None:
+        epochs = max_epochs_heuristic(adata.n_obs)
+    with _quiet_training():
+        scvi.settings.seed = cfg.seed
+        scvi.model.SCVI.setup_anndata(
+            adata,
+            layer=keys.COUNTS,
+            batch_key=ic.batch_key,
+            categorical_covariate_keys=list(ic.categorical_covariates) or None,
+            continuous_covariate_keys=list(ic.continuous_covariates) or None,
+        )
+        model = scvi.model.SCVI(
+            adata,
+            n_latent=ic.n_latent,
+            n_hidden=ic.n_hidden,
+            n_layers=ic.n_layers,
+            gene_likelihood=ic.gene_likelihood,
+        )
+        model.train(
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=ic.batch_size,
+            early_stopping=ic.early_stopping,
+            early_stopping_patience=ic.early_stopping_patience,
+            check_val_every_n_epoch=1,
+            enable_progress_bar=False,
+            plan_kwargs={"lr": ic.learning_rate},
+        )
+    return model
+
+
+def run_integrate(
+    adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "cpu"
+) -> StageResult:
+    """Train scVI on the HVG counts and add its latent space.
+
+    Parameters
+    ----------
+    adata
+        Preprocess output: ``layers["counts"]``, ``var["highly_variable"]``,
+        the batch and covariate columns in ``obs``, ``obsm["X_pca"]`` (for the
+        metrics; optional).
+    cfg
+        Run configuration (reads ``integrate`` and ``seed``).
+    device
+        The run's device; a CUDA device trains on the GPU.
+
+    Returns
+    -------
+    StageResult with
+
+    - ``adata``: the input (all genes, ``X`` and layers unchanged) plus
+      ``obsm["X_scVI"]`` (float32, cells x ``n_latent``, posterior means) and
+      ``uns["immuneage"]["integrate"]`` (``accelerator``, ``device``,
+      ``max_epochs``, ``epochs_trained``, ``early_stopped``, ``n_cells``,
+      ``n_hvg``, ``batch_key``, ``n_batches``, ``categorical_covariates``,
+      ``continuous_covariates``, ``n_latent``, ``gene_likelihood``,
+      ``elbo_train``, ``elbo_validation`` (final epoch), ``scvi_tools_version``);
+    - tables ``scvi_history`` (one row per epoch: ``epoch``, ``elbo_train``,
+      ``elbo_validation``, ``reconstruction_loss_*``, ``kl_local_*``, ... as
+      logged by scvi-tools) and ``integration_metrics`` (see
+      :func:`pipeline.stats.integration.integration_metrics`);
+    - dirs ``scvi_model``: the trained model (``model.pt``, saved without the
+      AnnData; reload with ``scvi.model.SCVI.load(dir, adata=<HVG subset>)``).
+
+    Raises
+    ------
+    InputError
+        See :func:`check_integrate_inputs`.
+    """
+    import scvi
+
+    from ..stats.integration import integration_metrics
+
+    ic = cfg.integrate
+    check_integrate_inputs(adata, ic)
+    accelerator = scvi_accelerator(device)[0]
+    lean = _scvi_input(adata, ic)
+    max_epochs = (
+        ic.max_epochs
+        if ic.max_epochs is not None
+        else max_epochs_heuristic(lean.n_obs)
+    )
+    log.info(
+        "integrate: scVI on %d cells x %d HVGs, batch %r (%d levels), %s, up to %d epochs",
+        lean.n_obs,
+        lean.n_vars,
+        ic.batch_key,
+        lean.obs[ic.batch_key].nunique(),
+        accelerator,
+        max_epochs,
+    )
+    model = train_scvi(lean, cfg, device=device, max_epochs=max_epochs)
+    with _quiet_training():
+        latent = model.get_latent_representation(batch_size=max(ic.batch_size, 1024))
+
+    history = {k: v for k, v in model.history.items() if isinstance(v, pd.DataFrame)}
+    table = _history_table(history)
+    epochs = len(table)
+    out = _output(adata)
+    out.obsm[keys.X_SCVI] = np.ascontiguousarray(latent, dtype=np.float32)
+    info: dict[str, Any] = {
+        "accelerator": accelerator,
+        "device": str(getattr(device, "type", device)),
+        "max_epochs": int(max_epochs),
+        "epochs_trained": int(epochs),
+        "early_stopped": bool(epochs < max_epochs),
+        "n_cells": int(lean.n_obs),
+        "n_hvg": int(lean.n_vars),
+        "batch_key": ic.batch_key,
+        "n_batches": int(lean.obs[ic.batch_key].nunique()),
+        "categorical_covariates": ",".join(ic.categorical_covariates),
+        "continuous_covariates": ",".join(ic.continuous_covariates),
+        "n_latent": int(ic.n_latent),
+        "gene_likelihood": ic.gene_likelihood,
+        "elbo_train": _last(history, "elbo_train"),
+        "elbo_validation": _last(history, "elbo_validation"),
+        "scvi_tools_version": scvi.__version__,
+    }
+    out.uns.setdefault(keys.UNS, {})["integrate"] = info
+    log.info(
+        "integrate: %d epochs (%s), ELBO train %.1f, validation %.1f",
+        epochs,
+        "early stop" if info["early_stopped"] else "max_epochs",
+        info["elbo_train"],
+        info["elbo_validation"],
+    )
+
+    reps = tuple(r for r in (keys.X_PCA, keys.X_SCVI) if r in out.obsm)
+    metrics = integration_metrics(
+        out,
+        batch_key=ic.batch_key,
+        label_key=None,
+        reps=reps,
+        max_cells=ic.metrics_max_cells,
+        seed=cfg.seed,
+    )
+
+    def save_model(path: Any) -> None:
+        model.save(str(path), overwrite=True, save_anndata=False)
+
+    return StageResult(
+        out,
+        tables={"scvi_history": table, "integration_metrics": metrics},
+        dirs={"scvi_model": save_model},
+    )
