@@ -75,10 +75,10 @@ _NOISE = (
 )
 
 
-
 def max_epochs_heuristic(n_cells: int) -> int:
     """scvi-tools' default epoch count: 400 up to 20k cells, then 400 * 20k / n (at least 1)."""
     return max(1, min(400, round(20_000 / max(n_cells, 1) * 400)))
+
 
 def scvi_accelerator(device: torch.device | str) -> tuple[str, int | list[int]]:
     """Lightning ``(accelerator, devices)`` for the run's device.
@@ -349,11 +349,7 @@ def run_integrate(
     check_integrate_inputs(adata, ic)
     accelerator = scvi_accelerator(device)[0]
     lean = _scvi_input(adata, ic)
-    max_epochs = (
-        ic.max_epochs
-        if ic.max_epochs is not None
-        else max_epochs_heuristic(lean.n_obs)
-    )
+    max_epochs = ic.max_epochs if ic.max_epochs is not None else max_epochs_heuristic(lean.n_obs)
     log.info(
         "integrate: scVI on %d cells x %d HVGs, batch %r (%d levels), %s, up to %d epochs",
         lean.n_obs,
