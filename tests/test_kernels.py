@@ -406,12 +406,17 @@ _MEMORY_SCRIPT = textwrap.dedent(
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20
 
+    from pipeline.provenance import ResourceMeter
+
     base = rss_mb()
-    qc_metrics(x, gene_masks=masks, device="cpu", chunk_size=5_000)
-    lx = normalize_log1p(x, target_sum=1e4, device="cpu", chunk_size=5_000)
-    hvg_seurat_v3(x, n_top_genes=2_000, batch=batch, device="cpu", chunk_size=5_000)
-    pca_sparse(lx, n_comps=20, seed=0, device="cpu", n_iter=5)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # sampled peak during the kernels only (the lifetime high-water mark would include
+    # building x above)
+    with ResourceMeter(interval=0.005) as meter:
+        qc_metrics(x, gene_masks=masks, device="cpu", chunk_size=5_000)
+        lx = normalize_log1p(x, target_sum=1e4, device="cpu", chunk_size=5_000)
+        hvg_seurat_v3(x, n_top_genes=2_000, batch=batch, device="cpu", chunk_size=5_000)
+        pca_sparse(lx, n_comps=20, seed=0, device="cpu", n_iter=5)
+    peak = meter.peak_rss_mb
     print(f"{peak - base:.1f}")
     """
 )
