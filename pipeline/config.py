@@ -315,6 +315,14 @@ class IntegrateConfig(_Section):
         ge=1,
         description="Training epochs; null uses scvi-tools' heuristic (about 400 for 20k cells, fewer for more).",
     )
+    kl_warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Epochs over which the KL weight rises to 1; null: min(400, epochs trained), so short "
+            "trainings also end at full KL weight (scvi-tools' own default is a fixed 400)."
+        ),
+    )
     batch_size: int = Field(default=128, ge=8, description="Minibatch size.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
     early_stopping: bool = Field(

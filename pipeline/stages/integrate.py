@@ -297,7 +297,12 @@ def train_scvi(
             early_stopping_patience=ic.early_stopping_patience,
             check_val_every_n_epoch=1,
             enable_progress_bar=False,
-            plan_kwargs={"lr": ic.learning_rate},
+            plan_kwargs={
+                "lr": ic.learning_rate,
+                "n_epochs_kl_warmup": (
+                    ic.kl_warmup_epochs if ic.kl_warmup_epochs is not None else min(400, epochs)
+                ),
+            },
         )
     return model
 
