@@ -248,7 +248,7 @@ class Runner:
                         log.info("removed a temporary left by an interrupted run: %s", p)
                 if stage is not None and not get_stage(stage).per_sample:
                     # per-sample stages check their upstream units sample by sample
-                    self._require_upstream(get_stage(stage))
+                    self._upstream_inputs(get_stage(stage))
                 for name in selected:
                     spec = get_stage(name)
                     status, outputs = self._run_stage(spec, force=name in forced, sample=sample)
@@ -326,9 +326,6 @@ class Runner:
                 )
             out[name] = st.digest()
         return out
-
-    def _require_upstream(self, spec: StageSpec) -> None:
-        self._upstream_inputs(spec)
 
     def _artifact(self, spec: StageSpec) -> Path:
         return self.outdir / spec.name / f"{spec.name}.h5ad"

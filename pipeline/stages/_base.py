@@ -28,7 +28,9 @@ class StageSpec:
     module
         Module holding the stage's pure functions (imported lazily).
     func
-        Whole-cohort function ``func(adata | list[AnnData], cfg, *, device) -> AnnData | StageResult``.
+        Whole-cohort stages: ``func(*upstream, cfg, *, device)`` with one AnnData per
+        entry of ``inputs``; per-sample stages: the merge ``func(units, cfg)``
+        over the list of per-sample results. Returns an AnnData or a :class:`StageResult`.
     inputs
         Upstream stages whose artifacts this stage reads.
     sections
