@@ -405,6 +405,70 @@ class AnnotateConfig(_Section):
     )
 
 
+class ScoreConfig(_Section):
+    """Signature scoring (``score`` stage)."""
+
+    genesets: list[str] = Field(
+        default_factory=lambda: [
+            "tbk1_sting",
+            "ifn_type1",
+            "nfkb_inflammation",
+            "senescence",
+            "senescence_core",
+            "sasp",
+            "t_exhaustion",
+            "t_naive",
+            "il6_stat3",
+        ],
+        description="Names of built-in gene sets to score (see `immuneage genesets`); [] for none.",
+    )
+    gmt: str | None = Field(
+        default=None,
+        description="GMT file of extra gene sets (name, description, genes...); all its sets are scored.",
+    )
+    custom: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Extra gene sets given inline: {name: [gene symbols]}.",
+    )
+    min_genes: int = Field(
+        default=5,
+        ge=1,
+        description="A set with fewer genes found in the data than this is too small.",
+    )
+    on_small_set: Literal["error", "skip"] = Field(
+        default="error",
+        description="What to do with a set below min_genes: 'error' stops the run naming the set and its missing genes; 'skip' warns and leaves it out.",
+    )
+    method: Literal["score_genes", "aucell", "ulm"] = Field(
+        default="score_genes",
+        description="'score_genes': scanpy score_genes semantics for all sets in one sparse product; 'aucell' / 'ulm': decoupler's methods (cross-checks).",
+    )
+    ctrl_size: int = Field(
+        default=50,
+        ge=1,
+        description="Control genes drawn per signature gene bin (scanpy ctrl_size).",
+    )
+    n_bins: int = Field(
+        default=25, ge=2, description="Expression bins for control-gene matching (scanpy n_bins)."
+    )
+
+
+class DifferentialConfig(_Section):
+    """Differential testing across timepoints per cell type (``differential`` stage)."""
+
+    min_cells: int = Field(
+        default=10,
+        ge=1,
+        description="Minimum cells of a type in a donor x timepoint for it to enter the tests.",
+    )
+
+
+class ReportConfig(_Section):
+    """The HTML report (``report`` stage)."""
+
+    title: str = Field(default="immuneage report", description="Title of the HTML report.")
+
+
 class Config(_Section):
     """A complete immuneage run configuration."""
 
@@ -429,6 +493,9 @@ class Config(_Section):
     integrate: IntegrateConfig = Field(default_factory=IntegrateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    differential: DifferentialConfig = Field(default_factory=DifferentialConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

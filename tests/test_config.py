@@ -72,7 +72,7 @@ def _write(tmp_path: Path, text: str) -> Path:
                 "unknown key",
                 "allowed keys here:",
                 "backend,",
-                "design, device, ingest,",
+                "design, device, differential, ingest,",
             ],
         ),
         ("device: tpu\n", ["device", "'auto', 'cpu' or 'gpu'", "tpu"]),
