@@ -43,6 +43,7 @@ from typing import Any
 from . import __version__, keys
 from .artifacts import (
     Stamp,
+    atomic_path,
     path_sha256,
     path_signature,
     read_h5ad_artifact,
@@ -58,7 +59,7 @@ from .config import Config, config_digest, dump_config, section_digest
 from .errors import InputError
 from .lock import outdir_lock
 from .provenance import ResourceMeter, machine_info, package_versions
-from .stages import STAGES, StageResult, StageSpec, get_stage, stage_names
+from .stages import STAGES, StageContext, StageResult, StageSpec, get_stage, stage_names
 
 __all__ = ["RunSummary", "Runner", "ValidationReport", "validate_inputs"]
 
@@ -328,6 +329,8 @@ class Runner:
         return out
 
     def _artifact(self, spec: StageSpec) -> Path:
+        if spec.artifact is not None:
+            return self.outdir / spec.artifact
         return self.outdir / spec.name / f"{spec.name}.h5ad"
 
     def _unit_artifact(self, spec: StageSpec, sample: str) -> Path:
@@ -377,6 +380,18 @@ class Runner:
             if final.exists():
                 existed |= set(final.rglob("*"))
             written += write_dir_atomic(final, writer)
+        for name, writer in result.files.items():
+            final = self.outdir / name.rstrip("/")
+            if name.endswith("/"):
+                if final.exists():
+                    existed |= set(final.rglob("*"))
+                written += write_dir_atomic(final, writer)
+            else:
+                if final.exists():
+                    existed.add(final)
+                with atomic_path(final) as tmp:
+                    writer(tmp)
+                written.append(final)
         expected.record_outputs(self.outdir, written)
         expected.info = {
             "wall_s": round(meter.wall_s, 3),
@@ -526,14 +541,28 @@ class Runner:
 
         def compute() -> StageResult:
             upstream = [read_h5ad_artifact(self._artifact(get_stage(n))) for n in spec.inputs]
-            out = func(*upstream, self.cfg, device=self._device)
+            kwargs: dict[str, Any] = {"device": self._device}
+            if spec.context:
+                kwargs["context"] = StageContext(self.outdir, self._provenance(summary=None))
+            out = func(*upstream, self.cfg, **kwargs)
             return out if isinstance(out, StageResult) else StageResult(out)
 
         return "ran", self._execute(spec, expected, artifact, compute, spec.name)
 
     # ------------------------------------------------------------------ provenance
     def _write_provenance(self, summary: RunSummary) -> None:
+        prov = self._provenance(summary)
+        path = self.outdir / "provenance.json"
+        existed = path.exists()
+        write_json_atomic(path, prov)
+        if not existed:
+            self._created.append(path)
+        summary.outputs.append(path)
+
+    def _provenance(self, summary: RunSummary | None) -> dict[str, Any]:
+        """The provenance record from the stamps on disk (``summary``: this invocation)."""
         assert self._report is not None
+        ran = summary.stages if summary is not None else {}
         stages: dict[str, Any] = {}
         all_warnings: list[str] = list(self._report.warnings)
         for spec in STAGES:
@@ -541,7 +570,7 @@ class Runner:
             if st is None:
                 continue
             entry: dict[str, Any] = {
-                "status": summary.stages.get(spec.name, "not run in this invocation"),
+                "status": ran.get(spec.name, "not run in this invocation"),
                 **{k: st.info.get(k) for k in ("wall_s", "peak_rss_mb", "finished", "host")},
                 "outputs": st.outputs,
                 "config_digest": st.config,
@@ -573,7 +602,7 @@ class Runner:
             "version": __version__,
             "command": self.argv,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "wall_s_this_invocation": round(summary.wall_s, 3),
+            "wall_s_this_invocation": round(summary.wall_s, 3) if summary is not None else None,
             "seed": self.cfg.seed,
             "device": self._device_info,
             "config": self.cfg.model_dump(mode="json"),
@@ -587,9 +616,4 @@ class Runner:
             "packages": package_versions(),
             "machine": machine_info(),
         }
-        path = self.outdir / "provenance.json"
-        existed = path.exists()
-        write_json_atomic(path, prov)
-        if not existed:
-            self._created.append(path)
-        summary.outputs.append(path)
+        return prov

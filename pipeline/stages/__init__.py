@@ -7,9 +7,9 @@ Adding a stage = one module, one config section, one entry in :data:`STAGES`.
 
 from __future__ import annotations
 
-from ._base import StageResult, StageSpec
+from ._base import StageContext, StageResult, StageSpec
 
-__all__ = ["STAGES", "StageResult", "StageSpec", "get_stage", "stage_names"]
+__all__ = ["STAGES", "StageContext", "StageResult", "StageSpec", "get_stage", "stage_names"]
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(

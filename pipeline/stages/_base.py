@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from anndata import AnnData
 
-__all__ = ["StageResult", "StageSpec"]
+__all__ = ["StageContext", "StageResult", "StageSpec"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class StageSpec:
     sample_func
         For per-sample stages: ``sample_func(row, cfg) -> AnnData`` run once per
         sample (one Slurm array task each); ``func`` then merges the samples.
+    context
+        Whether ``func`` also receives ``context=`` a :class:`StageContext` (the
+        output directory, its tables and the provenance so far), for stages that
+        summarise the whole run (the report).
+    artifact
+        Where the stage's AnnData goes, relative to the output directory
+        (default ``<name>/<name>.h5ad``).
     """
 
     name: str
@@ -55,6 +62,8 @@ class StageSpec:
     outputs: tuple[str, ...] = ()
     config_files: tuple[str, ...] = ()
     sample_func: str | None = None
+    context: bool = False
+    artifact: str | None = None
 
     @property
     def per_sample(self) -> bool:
@@ -66,12 +75,38 @@ class StageSpec:
 class StageResult:
     """A stage's outputs: the AnnData handed downstream and named result tables.
 
-    Tables are written by the runner to ``<outdir>/tables/<name>.tsv``. ``dirs``
-    maps a directory name to a writer ``writer(path)`` that fills a fresh
-    directory (e.g. a saved model); the runner calls it on a temporary directory
-    and renames it to ``<outdir>/<stage>/<name>/`` once complete.
+    Tables are written by the runner to ``<outdir>/tables/<name>.tsv`` (a name
+    may hold a ``/`` for a sub-directory). ``dirs`` maps a directory name to a
+    writer ``writer(path)`` that fills a fresh directory (e.g. a saved model); the
+    runner calls it on a temporary directory and renames it to
+    ``<outdir>/<stage>/<name>/`` once complete. ``files`` maps a path relative to
+    the output directory to a writer: a key ending in ``/`` is a directory (filled
+    by the writer as for ``dirs``), any other key a file the writer creates at the
+    path it is given; both are renamed into place only once complete.
     """
 
     adata: AnnData
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     dirs: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a whole-run stage (``StageSpec.context``) may read besides its inputs.
+
+    Attributes
+    ----------
+    outdir
+        The run's output directory.
+    provenance
+        The provenance record as of before this stage (see ``docs/outputs.md``).
+    """
+
+    outdir: Path
+    provenance: dict[str, Any]
+
+    @property
+    def tables_dir(self) -> Path:
+        """``<outdir>/tables``."""
+        return self.outdir / "tables"
