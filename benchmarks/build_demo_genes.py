@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 DATA = Path(__file__).resolve().parents[1] / "pipeline" / "datasets" / "data"
+GENESETS = Path(__file__).resolve().parents[1] / "pipeline" / "genesets" / "data"
 N_GENES = 3000
 
 MITO = [
@@ -313,7 +314,7 @@ def main(table: str) -> None:
         by_symbol.setdefault(sym, []).append(gid)
 
     cts = yaml.safe_load((DATA / "cell_types.yaml").read_text())["cell_types"]
-    progs = yaml.safe_load((DATA / "programmes.yaml").read_text())
+    progs = yaml.safe_load((GENESETS / "immune_ageing.yaml").read_text())
     roles: dict[str, str] = {}
 
     def add(symbols, role):

@@ -61,7 +61,7 @@ from .lock import outdir_lock
 from .provenance import ResourceMeter, machine_info, package_versions
 from .stages import STAGES, StageContext, StageResult, StageSpec, get_stage, stage_names
 
-__all__ = ["RunSummary", "Runner", "ValidationReport", "validate_inputs"]
+__all__ = ["RunSummary", "Runner", "StageStatus", "ValidationReport", "validate_inputs"]
 
 log = logging.getLogger("immuneage")
 
@@ -142,6 +142,18 @@ class RunSummary:
     outputs: list[Path] = field(default_factory=list)
     device: str = "cpu"
     wall_s: float = 0.0
+
+
+@dataclass
+class StageStatus:
+    """Whether a stage is up to date (:meth:`Runner.stage_status`).
+
+    ``up_to_date``: its whole-cohort artifact (per-sample stages: the merge) is
+    current; ``units``: per-sample stages only, sample -> its unit is current.
+    """
+
+    up_to_date: bool
+    units: dict[str, bool] = field(default_factory=dict)
 
 
 def _sha(obj: Any) -> str:
@@ -262,6 +274,50 @@ class Runner:
             self._discard_created(created_outdir)
             raise
         return summary
+
+    def stage_status(self) -> dict[str, StageStatus]:
+        """Which stages (and per-sample units) a run would skip; reads only, writes nothing.
+
+        A stage is up to date when its stamp matches what a run would expect and
+        every stage it reads is up to date too (so a stage below one that will
+        re-run counts as not up to date). Used to submit only missing Slurm jobs.
+
+        Raises
+        ------
+        InputError
+            The sheet, a counts file or a file named in the config is unusable.
+        """
+        self._report = validate_inputs(self.samplesheet, self.cfg)
+        self._signatures = {}
+        out: dict[str, StageStatus] = {}
+        for spec in STAGES:
+            cfg = section_digest(self.cfg, *spec.sections)
+            if not spec.per_sample:
+                files = self._config_file_inputs(spec)
+                ok = all(out[n].up_to_date for n in spec.inputs)
+                if ok:
+                    inputs = {**self._upstream_inputs(spec), **files}
+                    ok = self._is_current(
+                        Stamp(spec.name, None, __version__, inputs, cfg), self._artifact(spec)
+                    )
+                out[spec.name] = StageStatus(ok)
+                continue
+            units, digests = {}, {}
+            for row in self._report.sheet.rows:
+                artifact = self._unit_artifact(spec, row.sample)
+                ok = all(out[n].units.get(row.sample, False) for n in spec.inputs)
+                if ok:
+                    inputs = self._sample_inputs(spec, row)
+                    ok = self._is_current(
+                        Stamp(spec.name, row.sample, __version__, inputs, cfg), artifact
+                    )
+                units[row.sample] = ok
+                if ok:
+                    digests[row.sample] = read_stamp(stamp_path(artifact)).digest()  # type: ignore[union-attr]
+            merged = Stamp(spec.name, None, __version__, {"samples": _sha(digests)}, cfg)
+            ok = all(units.values()) and self._is_current(merged, self._artifact(spec))
+            out[spec.name] = StageStatus(ok, units)
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _select(self, stage: str | None, until: str | None) -> list[str]:
@@ -400,6 +456,7 @@ class Runner:
             "warnings": messages,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": machine_info()["host"],
+            **({"details": result.provenance} if result.provenance else {}),
             **(extra_info or {}),
         }
         write_json_atomic(stamp_path(artifact), expected.to_json())
@@ -575,6 +632,8 @@ class Runner:
                 "outputs": st.outputs,
                 "config_digest": st.config,
             }
+            if st.info.get("details"):
+                entry["details"] = st.info["details"]
             units = {}
             if spec.per_sample:
                 for row in self._report.sheet.rows:

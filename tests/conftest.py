@@ -26,6 +26,14 @@ SMALL_OVERRIDES = {
         "metrics_max_cells": 200,
     },
     "cluster": {"resolutions": [1.0]},
+    # the tiny cohorts' genes are G0..G249: score two sets of them, no built-in set
+    "score": {
+        "genesets": [],
+        "custom": {
+            "prog_a": [f"G{i}" for i in range(0, 20, 2)],
+            "prog_b": [f"G{i}" for i in range(1, 40, 4)],
+        },
+    },
 }
 
 DONORS = ("D1", "D2", "D3")

@@ -135,8 +135,8 @@ def test_truth_json(truth: dict) -> None:
     for markers in truth["markers"].values():
         assert set(markers) <= symbols
     planted = {(e["contrast"], e["cell_type"], e["programme"]) for e in truth["planted_effects"]}
-    assert ("longterm_vs_baseline", "CD14 monocyte", "type1_ifn") in planted
-    assert ("longterm_vs_baseline", "CD8 memory T", "cgas_sting") in planted
+    assert ("longterm_vs_baseline", "CD14 monocyte", "ifn_type1") in planted
+    assert ("longterm_vs_baseline", "CD8 memory T", "tbk1_sting") in planted
     assert ("acute_vs_baseline", "CD16 monocyte", "nfkb_inflammation") in planted
     for e in truth["planted_effects"]:
         assert e["direction"] == ("up" if e["log2fc"] > 0 else "down")
@@ -192,7 +192,7 @@ def test_markers_distinguish_types(cells, truth: dict) -> None:
 def test_planted_effects_visible_in_raw_data(cells, truth: dict) -> None:
     progs = truth["programmes"]
     for ct in ("CD14 monocyte", "CD8 memory T"):
-        for prog in ("type1_ifn", "cgas_sting"):
+        for prog in ("ifn_type1", "tbk1_sting"):
             s = _score(cells, ct, progs[prog]["genes"])
             d = (s["longterm"] - s["baseline"]).dropna()
             assert (d < 0).mean() >= 0.75 and d.median() < -0.15, (ct, prog, d)
@@ -202,7 +202,7 @@ def test_planted_effects_visible_in_raw_data(cells, truth: dict) -> None:
         assert (d > 0).mean() >= 0.75 and d.median() > 0.3, (ct, d)
     # negative controls (abundant types, so the ci size has cells enough): no consistent shift
     for ct in ("CD4 naive T", "CD4 memory T"):
-        for prog in ("type1_ifn", "cgas_sting", "nfkb_inflammation"):
+        for prog in ("ifn_type1", "tbk1_sting", "nfkb_inflammation"):
             s = _score(cells, ct, progs[prog]["genes"])
             for tp in ("acute", "longterm"):
                 d = (s[tp] - s["baseline"]).dropna()

@@ -27,11 +27,12 @@ from pipeline.config import load_config
 from pipeline.errors import InputError, LockError
 from pipeline.lock import outdir_lock
 from pipeline.runner import Runner
+from pipeline.stages import stage_names
 
 SAMPLES = [f"{d}_{t}" for d in ("D1", "D2", "D3") for t in ("baseline", "acute", "longterm")]
 
 
-STAGES = ("ingest", "qc", "preprocess", "integrate", "cluster", "annotate")
+STAGES = tuple(stage_names())
 ALL = dict.fromkeys(STAGES, "ran")
 CURRENT = dict.fromkeys(STAGES, "up to date")
 
@@ -272,7 +273,7 @@ def killable(tmp_path_factory):
     return sheet, ref
 
 
-# 24 stamps in all: 9 ingest units + merge, 9 qc units + merge, then one per cohort stage
+# 20 + one stamp per cohort stage: 9 ingest units + merge, 9 qc units + merge, then the rest
 @pytest.mark.parametrize("kill_after_stamps", [0, 3, 10, 14, 20, 22])
 def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_after_stamps):
     """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""

@@ -9,8 +9,11 @@ The files live in ``pipeline/datasets/data/``:
     ``other``, ``filler``).
 ``cell_types.yaml``
     The simulated PBMC types with their markers and a ``source`` for each.
-``programmes.yaml``
-    The gene programmes (and full reference sets) with their sources.
+``simulator.yaml``
+    Simulator curation (which SenMayo genes blood expresses).
+
+The gene programmes themselves are the built-in gene sets of
+:mod:`pipeline.genesets` (``pipeline/genesets/data/immune_ageing.yaml``).
 """
 
 from __future__ import annotations
@@ -103,11 +106,22 @@ def load_cell_types() -> tuple[CellTypeSpec, ...]:
 
 @lru_cache(maxsize=1)
 def _programmes() -> dict[str, Any]:
-    return yaml.safe_load(_DATA.joinpath("programmes.yaml").read_text())
+    from pipeline.genesets import builtin_collection
+
+    progs = builtin_collection()
+    sim = yaml.safe_load(_DATA.joinpath("simulator.yaml").read_text())
+    progs["programmes"]["senescence"]["expressed_in_pbmc"] = list(
+        sim["senescence_expressed_in_pbmc"]
+    )
+    return progs
 
 
 def load_programmes() -> dict[str, Any]:
-    """The gene programmes of ``programmes.yaml``.
+    """The gene programmes the demo simulates: the built-in gene sets plus simulator curation.
+
+    The sets come from :func:`pipeline.genesets.builtin_collection` (the same
+    file the ``score`` stage reads); ``simulator.yaml`` adds, for ``senescence``,
+    the genes expressed at blood-typical levels (``expressed_in_pbmc``).
 
     Returns
     -------

@@ -60,7 +60,7 @@ PLANTED_EFFECTS: tuple[tuple[str, str, str, float], ...] = tuple(
         (
             "longterm",
             ("CD14 monocyte", "CD8 memory T"),
-            ("cgas_sting", "type1_ifn", "senescence", "senescence_core"),
+            ("tbk1_sting", "ifn_type1", "senescence", "senescence_core"),
             -0.9,
         ),
         ("acute", ("CD14 monocyte", "CD16 monocyte"), ("nfkb_inflammation",), 1.0),

@@ -83,6 +83,16 @@ STAGES: tuple[StageSpec, ...] = (
             "tables/cell_type_clusters.tsv",
         ),
     ),
+    StageSpec(
+        name="score",
+        summary="TBK1/STING, interferon, NF-kB, senescence ... signature scores per cell, all sets in one sparse product",
+        module="pipeline.stages.score",
+        func="run_score",
+        inputs=("annotate",),
+        sections=("seed", "score"),
+        config_files=("score.gmt",),
+        outputs=("score/score.h5ad", "tables/signature_coverage.tsv"),
+    ),
 )
 
 

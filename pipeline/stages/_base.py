@@ -83,12 +83,15 @@ class StageResult:
     the output directory to a writer: a key ending in ``/`` is a directory (filled
     by the writer as for ``dirs``), any other key a file the writer creates at the
     path it is given; both are renamed into place only once complete.
+    ``provenance`` is JSON-able detail the stage wants on record (e.g. the gene
+    sets it used); it lands in ``provenance.json`` under the stage's entry.
     """
 
     adata: AnnData
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     dirs: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

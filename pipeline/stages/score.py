@@ -1,0 +1,323 @@
+"""Stage ``score``: gene-signature scores per cell, every signature in one sparse product.
+
+Gene sets
+    Built-in sets (``score.genesets``, cited in
+    ``pipeline/genesets/data/immune_ageing.yaml``), a GMT file (``score.gmt``)
+    and inline sets (``score.custom``). Symbols are matched to ``var_names``
+    directly or through the shipped HGNC alias table (``TMEM173`` <-> ``STING1``,
+    ``MB21D1`` <-> ``CGAS``, ``IL8`` <-> ``CXCL8`` ...). A set with fewer genes
+    found than ``score.min_genes`` is an :class:`~pipeline.errors.InputError`
+    naming it and its missing genes, or (``score.on_small_set: skip``) a warning
+    and no score.
+
+``score_genes`` (default)
+    The semantics of :func:`scanpy.tl.score_genes` with ``random_state=seed``,
+    for all sets at once: genes are binned by mean expression over the whole
+    dataset (``n_bins``), each set draws up to ``ctrl_size`` control genes from
+    every bin its genes fall in (excluding its own genes, with the same random
+    stream scanpy uses, so the control genes are the ones scanpy picks), and
+    the score is ``mean(set genes) - mean(control genes)`` on the
+    log-normalised ``X``. Stacking one weight column per set turns every score
+    into one ``X @ W`` product (:func:`pipeline.kernels.scoring.weighted_scores`),
+    streamed in row blocks on the run device; ``X`` is never densified.
+
+``aucell`` / ``ulm``
+    decoupler's AUCell or univariate linear model over the same resolved sets
+    (cross-checks; CPU).
+
+Outputs: ``obs["score_<set>"]``, ``obsm["signature_scores"]`` (a DataFrame with
+one column per set), ``uns["immuneage"]["signatures"]`` (set -> genes used),
+``tables/signature_coverage.tsv`` and the set definitions after alias mapping in
+``provenance.json`` (stage ``score``, ``details``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from pipeline import keys
+from pipeline.errors import ImmuneageWarning, InputError
+from pipeline.genesets import ResolvedSet, resolve_sets, sets_from_config
+from pipeline.kernels.scoring import gene_means, weighted_scores
+from pipeline.stages._base import StageResult
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+
+    from pipeline.config import Config, ScoreConfig
+
+__all__ = [
+    "SCORES_KEY",
+    "control_genes",
+    "coverage_table",
+    "run_score",
+    "score_matrix",
+]
+
+log = logging.getLogger("immuneage")
+
+#: ``obsm`` key of the per-cell scores (a DataFrame, one column per set).
+SCORES_KEY = "signature_scores"
+
+
+def score_column(name: str) -> str:
+    """The ``obs`` column holding set ``name``'s score."""
+    return f"score_{name}"
+
+
+def control_genes(
+    means: pd.Series,
+    gene_list: list[str],
+    *,
+    ctrl_size: int,
+    n_bins: int,
+    seed: int,
+) -> list[str]:
+    """Control genes for one set, as :func:`scanpy.tl.score_genes` picks them.
+
+    Genes are ranked by mean expression (``rank(method="min")``) and cut into
+    bins of ``round(n_genes / (n_bins - 1))`` ranks; from every bin holding a
+    set gene, up to ``ctrl_size`` genes outside the set are drawn with
+    ``numpy.random.RandomState(seed)``, in the order scanpy draws them.
+
+    Parameters
+    ----------
+    means
+        Mean expression of every candidate gene (index: gene names, data order).
+    gene_list
+        The set's genes (all in ``means``).
+    ctrl_size
+        Genes drawn per bin.
+    n_bins
+        Number of expression bins.
+    seed
+        Seed of the draw (scanpy's ``random_state``).
+
+    Returns
+    -------
+    The control genes, in data order.
+    """
+    rs = np.random.RandomState(seed)
+    obs_avg = means[np.isfinite(means.to_numpy())]
+    n_items = int(np.round(len(obs_avg) / (n_bins - 1)))
+    obs_cut = obs_avg.rank(method="min") // n_items
+    in_set = obs_cut.index.isin(gene_list)
+    chosen: set[str] = set()
+    for cut in np.unique(obs_cut.loc[gene_list]):
+        r_genes = obs_cut[(obs_cut == cut) & ~in_set].index
+        if ctrl_size < len(r_genes):
+            r_genes = r_genes.to_series().sample(ctrl_size, random_state=rs).index
+        chosen.update(r_genes)
+    return [g for g in means.index if g in chosen]
+
+
+def score_matrix(
+    x: sparse.spmatrix | sparse.sparray,
+    var_names: pd.Index,
+    sets: dict[str, list[str]],
+    *,
+    ctrl_size: int = 50,
+    n_bins: int = 25,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """``score_genes`` scores of many sets at once.
+
+    Parameters
+    ----------
+    x
+        Cells x genes log-normalised expression (sparse).
+    var_names
+        Gene names of ``x``'s columns.
+    sets
+        ``{name: genes}``, every gene in ``var_names``.
+    ctrl_size, n_bins, seed
+        As in :func:`scanpy.tl.score_genes` (``random_state=seed`` for every set).
+    device
+        Where the gene means and the product run.
+
+    Returns
+    -------
+    scores
+        Cells x sets (``float64``), columns in ``sets`` order.
+    controls
+        ``{name: control genes}``.
+
+    Raises
+    ------
+    ValueError
+        A set with no control genes (fewer genes in the data than bins need).
+    """
+    var_names = pd.Index(var_names)
+    means = pd.Series(gene_means(x, device=device), index=var_names)
+    col = pd.Series(np.arange(len(var_names)), index=var_names)
+    weights = np.zeros((len(var_names), len(sets)), dtype=np.float64)
+    controls: dict[str, list[str]] = {}
+    for j, (name, genes) in enumerate(sets.items()):
+        ctrl = control_genes(means, list(genes), ctrl_size=ctrl_size, n_bins=n_bins, seed=seed)
+        if not ctrl:
+            msg = f"gene set {name!r}: no control genes found; the data has too few genes"
+            raise ValueError(msg)
+        controls[name] = ctrl
+        weights[col[list(genes)].to_numpy(), j] += 1.0 / len(genes)
+        weights[col[ctrl].to_numpy(), j] -= 1.0 / len(ctrl)
+    scores = weighted_scores(x, weights, device=device)
+    return pd.DataFrame(scores, columns=list(sets)), controls
+
+
+def coverage_table(resolved: dict[str, ResolvedSet], min_genes: int) -> pd.DataFrame:
+    """One row per set: genes found, missing, aliases used and whether it is scored."""
+    rows = []
+    for name, r in resolved.items():
+        n_found = len(r.found)
+        rows.append(
+            {
+                "signature": name,
+                "label": r.geneset.label,
+                "source": r.geneset.source,
+                "version": r.geneset.version,
+                "n_genes": len(r.geneset.genes),
+                "n_found": n_found,
+                "n_missing": len(r.missing),
+                "fraction_found": n_found / max(len(r.geneset.genes), 1),
+                "genes_found": ",".join(r.found),
+                "genes_missing": ",".join(r.missing),
+                "aliases_used": ",".join(f"{k}={v}" for k, v in r.aliases_used.items()),
+                "status": "scored" if n_found >= min_genes else f"skipped: < {min_genes} genes",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _decoupler_scores(
+    adata: AnnData, sets: dict[str, list[str]], method: str, min_genes: int
+) -> pd.DataFrame:
+    import decoupler as dc
+    from anndata import AnnData
+
+    net = pd.DataFrame(
+        [(name, g) for name, genes in sets.items() for g in genes], columns=["source", "target"]
+    )
+    net["weight"] = 1.0
+    # both methods need every gene (AUCell ranks genes within a cell, ULM regresses on them)
+    sub = AnnData(
+        adata.X,
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    func = dc.mt.aucell if method == "aucell" else dc.mt.ulm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        func(sub, net, tmin=min_genes, verbose=False)
+    est = sub.obsm[f"score_{method}"]
+    return pd.DataFrame(
+        np.asarray(est.reindex(columns=list(sets)), dtype=np.float64), columns=list(sets)
+    )
+
+
+def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, list[str]]:
+    small = {n: r for n, r in resolved.items() if len(r.found) < cfg.min_genes}
+    for name, r in small.items():
+        msg = (
+            f"gene set {name!r} has {len(r.found)} of its {len(r.geneset.genes)} genes in the "
+            f"data, fewer than score.min_genes = {cfg.min_genes}; missing: "
+            f"{', '.join(r.missing[:40])}{' ...' if len(r.missing) > 40 else ''}"
+        )
+        if cfg.on_small_set == "error":
+            raise InputError(
+                msg + " (lower score.min_genes, check the gene symbols / the reference the data "
+                "was built on, or set score.on_small_set: skip)"
+            )
+        warnings.warn(msg + "; skipped (score.on_small_set: skip)", ImmuneageWarning, stacklevel=3)
+    sets = {n: r.found for n, r in resolved.items() if n not in small}
+    if not sets:
+        raise InputError(
+            "score: no gene set has enough genes in the data to be scored; see the coverage in "
+            "the messages above"
+        )
+    return sets
+
+
+def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu") -> StageResult:
+    """Score every configured gene set in every cell.
+
+    Parameters
+    ----------
+    adata
+        The annotated AnnData (log-normalised ``X``, all genes).
+    cfg
+        Run configuration (``score`` section; ``seed``).
+    device
+        Run device; the ``score_genes`` product runs there.
+
+    Returns
+    -------
+    :class:`~pipeline.stages.StageResult` with the scored AnnData and the
+    ``signature_coverage`` table.
+
+    Raises
+    ------
+    InputError
+        Unknown built-in set, unreadable GMT, or a set too small with
+        ``on_small_set: error``.
+    """
+    scfg = cfg.score
+    defined = sets_from_config(scfg.genesets, scfg.gmt, scfg.custom)
+    if not defined:
+        raise InputError("score: no gene sets configured (score.genesets, score.gmt, score.custom)")
+    resolved = resolve_sets(defined, adata.var_names)
+    coverage = coverage_table(resolved, scfg.min_genes)
+    sets = _select(resolved, scfg)
+    for name, r in resolved.items():
+        if r.aliases_used:
+            log.info("score: %s matched through aliases: %s", name, r.aliases_used)
+
+    controls: dict[str, list[str]] = {}
+    x = adata.X if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
+    if scfg.method == "score_genes":
+        scores, controls = score_matrix(
+            x,
+            adata.var_names,
+            sets,
+            ctrl_size=scfg.ctrl_size,
+            n_bins=scfg.n_bins,
+            seed=cfg.seed,
+            device=device,
+        )
+    else:
+        scores = _decoupler_scores(adata, sets, scfg.method, scfg.min_genes)
+    scores.index = adata.obs_names
+
+    out = adata
+    for name in sets:
+        out.obs[score_column(name)] = scores[name].to_numpy()
+    out.obsm[SCORES_KEY] = scores
+    run_info = out.uns.setdefault(keys.UNS, {})
+    run_info["signatures"] = {name: list(genes) for name, genes in sets.items()}
+    run_info["signature_method"] = scfg.method
+    coverage["n_controls"] = [len(controls.get(n, [])) for n in coverage["signature"]]
+    details: dict[str, Any] = {
+        "method": scfg.method,
+        "sets": {
+            name: {
+                "label": r.geneset.label,
+                "source": r.geneset.source,
+                "version": r.geneset.version,
+                "genes_defined": list(r.geneset.genes),
+                "genes_used": r.found,
+                "genes_missing": r.missing,
+                "aliases_used": r.aliases_used,
+                "scored": name in sets,
+                "n_controls": len(controls.get(name, [])),
+            }
+            for name, r in resolved.items()
+        },
+    }
+    return StageResult(out, tables={"signature_coverage": coverage}, provenance=details)
