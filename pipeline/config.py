@@ -461,12 +461,141 @@ class DifferentialConfig(_Section):
         ge=1,
         description="Minimum cells of a type in a donor x timepoint for it to enter the tests.",
     )
+    test: Literal["paired_t", "wilcoxon", "mixed"] = Field(
+        default="paired_t",
+        description=(
+            "Signature-shift test whose p-value gets the q-value: 'paired_t' (donors with both "
+            "timepoints), 'wilcoxon' (signed-rank, same donors) or 'mixed' (score ~ timepoint + "
+            "(1|donor), also uses donors missing one timepoint)."
+        ),
+    )
+    min_donors: int = Field(
+        default=3,
+        ge=2,
+        description="Minimum donors with both timepoints (mixed: observed at both) for a test to run.",
+    )
+    deseq: bool = Field(
+        default=True, description="Run pseudobulk differential expression (PyDESeq2) per cell type."
+    )
+    pseudobulk_min_cells: int = Field(
+        default=10,
+        ge=1,
+        description="Pseudobulks (donor x timepoint x type) with fewer cells are left out of DE.",
+    )
+    gene_min_counts: int = Field(
+        default=10,
+        ge=1,
+        description="A pseudobulk expresses a gene with at least this many summed counts.",
+    )
+    gene_min_samples: int = Field(
+        default=3,
+        ge=1,
+        description="Genes expressed (gene_min_counts) in fewer pseudobulks of a type are not tested.",
+    )
+    shrink: bool = Field(
+        default=False,
+        description="Also report PyDESeq2's shrunken log2 fold changes (log2fc_shrunk; slow).",
+    )
+    n_cpus: int = Field(
+        default=1,
+        ge=1,
+        description="Processes PyDESeq2 may use (1 keeps results identical across machines).",
+    )
+    enrichment: Literal["ulm", "none"] = Field(
+        default="ulm",
+        description="Signature enrichment of each DE result: 'ulm' (univariate linear model on the Wald statistics) or 'none'.",
+    )
+    enrichment_min_genes: int = Field(
+        default=5,
+        ge=1,
+        description="Signatures with fewer genes among a DE result's tested genes are not scored.",
+    )
+    pseudocount: float = Field(
+        default=0.5,
+        gt=0,
+        description="Cells added to each type's count before the CLR / log-ratio of composition.",
+    )
+    log_ratios: dict[str, dict[str, list[str]]] = Field(
+        default_factory=lambda: {
+            "naive/memory T ratio": {
+                "numerator": ["CD4 naive T", "CD8 naive T"],
+                "denominator": ["CD4 memory T", "CD8 memory T"],
+            },
+            "CD4 naive/memory T ratio": {
+                "numerator": ["CD4 naive T"],
+                "denominator": ["CD4 memory T"],
+            },
+            "CD8 naive/memory T ratio": {
+                "numerator": ["CD8 naive T"],
+                "denominator": ["CD8 memory T"],
+            },
+        },
+        description=(
+            "Composition log-ratios tested like cell types: name -> {numerator: [types], "
+            "denominator: [types]} (labels as in obs['cell_type'])."
+        ),
+    )
+    covariates: str | None = Field(
+        default=None,
+        description=(
+            "CSV of per-sample numeric covariates keyed by 'sample' (e.g. plasma betaine); "
+            "null skips the covariate associations."
+        ),
+    )
+    covariate_columns: list[str] | None = Field(
+        default=None,
+        description="Covariate columns to test; null: every column except sample, donor, timepoint.",
+    )
+    covariate_adjust_timepoint: bool = Field(
+        default=False,
+        description="Add timepoint as a fixed effect in the covariate models (association at equal timepoints).",
+    )
+
+    @model_validator(mode="after")
+    def _check_ratios(self) -> DifferentialConfig:
+        for name, spec in self.log_ratios.items():
+            if set(spec) != {"numerator", "denominator"} or not all(spec.values()):
+                raise ValueError(
+                    f"log_ratios[{name!r}] must have non-empty 'numerator' and 'denominator' lists"
+                )
+        return self
 
 
 class ReportConfig(_Section):
     """The HTML report (``report`` stage)."""
 
     title: str = Field(default="immuneage report", description="Title of the HTML report.")
+    q_threshold: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="q-value (BH FDR) below which a result is called a shift: key findings, heatmap marks, volcano colours.",
+    )
+    max_findings: int = Field(
+        default=12,
+        ge=1,
+        description="At most this many signature, composition and DE findings are listed at the top of the report, smallest q first.",
+    )
+    max_umap_cells: int = Field(
+        default=50000,
+        ge=1000,
+        description="UMAP scatter plots draw a seeded random subset of at most this many cells.",
+    )
+    max_qc_cells_per_sample: int = Field(
+        default=5000,
+        ge=100,
+        description="QC distribution plots use a seeded random subset of at most this many cells per sample.",
+    )
+    max_panels: int = Field(
+        default=48,
+        ge=1,
+        description="Most panels in one small-multiples figure (volcano plots, per-donor means); the rest are listed as left out, smallest q first kept.",
+    )
+    figure_format: Literal["png", "svg"] = Field(
+        default="png",
+        description="Format of the figures embedded in report.html and written to figures/ (png: base64 image; svg: inline vector).",
+    )
+    dpi: int = Field(default=100, ge=50, le=600, description="Resolution of PNG figures.")
 
 
 class Config(_Section):
