@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.kernels._device import as_device, to_numpy
-from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, as_csr, col_sums, iter_row_chunks, spmm
+from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, as_csr, iter_row_chunks, spmm
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -41,7 +41,7 @@ def gene_means(
     device
         Where the sums run.
     chunk_size
-        Rows per block sent to the device.
+        The stored values are sent to the device in slices of ``1024 * chunk_size``.
 
     Returns
     -------
@@ -49,9 +49,15 @@ def gene_means(
     """
     csr = as_csr(x)
     dev = as_device(device)
-    total = torch.zeros(csr.shape[1], dtype=torch.float64, device=dev)
-    for _, _, block in iter_row_chunks(csr, device=dev, dtype=torch.float64, chunk_size=chunk_size):
-        total += col_sums(block)
+    n_genes = csr.shape[1]
+    total = torch.zeros(n_genes, dtype=torch.float64, device=dev)
+    # a weighted bincount over the stored (column, value) pairs, in slices of nnz:
+    # no row structure is needed for column sums
+    step = max(int(chunk_size), 1) * 1024
+    for start in range(0, csr.nnz, step):
+        cols = torch.as_tensor(csr.indices[start : start + step], device=dev).long()
+        vals = torch.as_tensor(csr.data[start : start + step], device=dev).to(torch.float64)
+        total += torch.bincount(cols, weights=vals, minlength=n_genes)
     return to_numpy(total) / max(csr.shape[0], 1)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "SCORES_KEY",
     "control_genes",
     "coverage_table",
+    "expression_bins",
     "run_score",
     "score_matrix",
 ]
@@ -72,31 +73,45 @@ def score_column(name: str) -> str:
     return f"score_{name}"
 
 
+def expression_bins(means: pd.Series, n_bins: int) -> pd.Series:
+    """Bin of every gene by mean expression, as :func:`scanpy.tl.score_genes` cuts them.
+
+    Genes are ranked (``rank(method="min")``) and cut into bins of
+    ``round(n_genes / (n_bins - 1))`` ranks; genes with a non-finite mean are left out.
+    """
+    obs_avg = means[np.isfinite(means.to_numpy())]
+    n_items = int(np.round(len(obs_avg) / (n_bins - 1)))
+    return obs_avg.rank(method="min") // n_items
+
+
 def control_genes(
-    means: pd.Series,
+    bins: pd.Series,
     gene_list: list[str],
     *,
     ctrl_size: int,
-    n_bins: int,
     seed: int,
 ) -> list[str]:
     """Control genes for one set, as :func:`scanpy.tl.score_genes` picks them.
 
-    Genes are ranked by mean expression (``rank(method="min")``) and cut into
-    bins of ``round(n_genes / (n_bins - 1))`` ranks; from every bin holding a
-    set gene, up to ``ctrl_size`` genes outside the set are drawn with
-    ``numpy.random.RandomState(seed)``, in the order scanpy draws them.
+    From every expression bin holding a set gene, ``ctrl_size`` genes are drawn
+    with ``numpy.random.RandomState(seed)`` in the order scanpy draws them, and
+    the set's own genes are dropped from the draw (scanpy's default
+    ``ctrl_as_ref=True``).
+
+    The bins come from exact (``float64``) means; scanpy 1.11 accumulates them
+    in ``float32``. Two genes whose means differ by less than that rounding and
+    straddle a bin edge could swap bins, so in rare near-ties the control genes
+    can differ from scanpy's; the scores from the same control genes agree to
+    ``1e-5`` (tested).
 
     Parameters
     ----------
-    means
-        Mean expression of every candidate gene (index: gene names, data order).
+    bins
+        :func:`expression_bins` of every candidate gene (index: gene names, data order).
     gene_list
-        The set's genes (all in ``means``).
+        The set's genes (all in ``bins``).
     ctrl_size
         Genes drawn per bin.
-    n_bins
-        Number of expression bins.
     seed
         Seed of the draw (scanpy's ``random_state``).
 
@@ -105,17 +120,14 @@ def control_genes(
     The control genes, in data order.
     """
     rs = np.random.RandomState(seed)
-    obs_avg = means[np.isfinite(means.to_numpy())]
-    n_items = int(np.round(len(obs_avg) / (n_bins - 1)))
-    obs_cut = obs_avg.rank(method="min") // n_items
-    in_set = obs_cut.index.isin(gene_list)
+    members = set(gene_list)
     chosen: set[str] = set()
-    for cut in np.unique(obs_cut.loc[gene_list]):
-        r_genes = obs_cut[(obs_cut == cut) & ~in_set].index
+    for cut in np.unique(bins.loc[gene_list]):
+        r_genes = bins[bins == cut].index
         if ctrl_size < len(r_genes):
             r_genes = r_genes.to_series().sample(ctrl_size, random_state=rs).index
-        chosen.update(r_genes)
-    return [g for g in means.index if g in chosen]
+        chosen.update(g for g in r_genes if g not in members)
+    return [g for g in bins.index if g in chosen]
 
 
 def score_matrix(
@@ -160,8 +172,9 @@ def score_matrix(
     col = pd.Series(np.arange(len(var_names)), index=var_names)
     weights = np.zeros((len(var_names), len(sets)), dtype=np.float64)
     controls: dict[str, list[str]] = {}
+    bins = expression_bins(means, n_bins)
     for j, (name, genes) in enumerate(sets.items()):
-        ctrl = control_genes(means, list(genes), ctrl_size=ctrl_size, n_bins=n_bins, seed=seed)
+        ctrl = control_genes(bins, list(genes), ctrl_size=ctrl_size, seed=seed)
         if not ctrl:
             msg = f"gene set {name!r}: no control genes found; the data has too few genes"
             raise ValueError(msg)
