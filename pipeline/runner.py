@@ -109,6 +109,9 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sheet = read_samplesheet(Path(samplesheet), cfg.design, cfg.ingest)
+        for spec in STAGES:
+            if spec.check is not None:
+                getattr(importlib.import_module(spec.module), spec.check)(cfg, sheet)
         summaries = [inspect_counts(row.path, sample=row.sample) for row in sheet.rows]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

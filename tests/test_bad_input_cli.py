@@ -128,6 +128,37 @@ def gpu_without_gpu(root: Path) -> str:
     return "no usable CUDA device"
 
 
+def _config_with(root: Path, extra: dict) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def unknown_geneset(root: Path) -> str:
+    _config_with(root, {"score": {"genesets": ["tbk1_stingg"]}})
+    return "tbk1_stingg"
+
+
+def gmt_line_without_genes(root: Path) -> str:
+    (root / "sets.gmt").write_text("ok\tfine\tG1\tG2\tG3\nbroken_set\n")
+    _config_with(root, {"score": {"gmt": str(root / "sets.gmt")}})
+    return "sets.gmt, line 2"
+
+
+def gmt_missing_file(root: Path) -> str:
+    _config_with(root, {"score": {"gmt": str(root / "nope.gmt")}})
+    return "nope.gmt"
+
+
+def geneset_too_small(root: Path) -> str:
+    # found only at the score stage (needs the data's genes): everything made is removed
+    _config_with(root, {"score": {"custom": {"tiny": ["G1", "G2", "NOTAGENE"]}}})
+    return "'tiny' has 2 of its 3 genes"
+
+
 CASES: list[Callable[[Path], str]] = [
     missing_column,
     empty_sheet,
@@ -144,6 +175,10 @@ CASES: list[Callable[[Path], str]] = [
     bad_config_key,
     bad_config_value,
     gpu_without_gpu,
+    unknown_geneset,
+    gmt_line_without_genes,
+    gmt_missing_file,
+    geneset_too_small,
 ]
 
 
@@ -176,7 +211,14 @@ def test_bad_input_exit_2_names_culprit_no_output(tmp_path, capsys, case):
     assert not out.exists()
     assert tree_checksums(root) == before
     # validate finds the same problem without running anything
-    if case not in (non_integer_counts, negative_counts, nan_counts, gpu_without_gpu):
+    found_only_by_running = (
+        non_integer_counts,
+        negative_counts,
+        nan_counts,
+        gpu_without_gpu,
+        geneset_too_small,
+    )
+    if case not in found_only_by_running:
         assert (
             main(["validate", "--samplesheet", str(sheet), "--config", str(root / "config.yaml")])
             == 2

@@ -91,6 +91,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=("annotate",),
         sections=("seed", "score"),
         config_files=("score.gmt",),
+        check="check_config",
         outputs=("score/score.h5ad", "tables/signature_coverage.tsv"),
     ),
 )

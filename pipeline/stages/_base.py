@@ -51,6 +51,11 @@ class StageSpec:
     artifact
         Where the stage's AnnData goes, relative to the output directory
         (default ``<name>/<name>.h5ad``).
+    check
+        Name of a function ``check(cfg, sheet)`` in ``module`` that
+        :func:`pipeline.runner.validate_inputs` calls before anything runs, to
+        validate the files the stage's config names (a GMT file, a covariates
+        table) so bad input fails fast, raising :class:`~pipeline.errors.InputError`.
     """
 
     name: str
@@ -64,6 +69,7 @@ class StageSpec:
     sample_func: str | None = None
     context: bool = False
     artifact: str | None = None
+    check: str | None = None
 
     @property
     def per_sample(self) -> bool:

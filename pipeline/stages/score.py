@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCORES_KEY",
+    "check_config",
     "control_genes",
     "coverage_table",
     "expression_bins",
@@ -235,6 +236,21 @@ def _decoupler_scores(
     )
 
 
+def check_config(cfg: Config, sheet: object = None) -> None:
+    """Fail fast on the ``score`` section: unknown built-in sets, a bad GMT, bad inline sets.
+
+    Called by :func:`pipeline.runner.validate_inputs` before any stage runs.
+
+    Raises
+    ------
+    InputError
+        As :func:`pipeline.genesets.sets_from_config`; also when no set is configured.
+    """
+    scfg = cfg.score
+    if not sets_from_config(scfg.genesets, scfg.gmt, scfg.custom):
+        raise InputError("score: no gene sets configured (score.genesets, score.gmt, score.custom)")
+
+
 def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, list[str]]:
     small = {n: r for n, r in resolved.items() if len(r.found) < cfg.min_genes}
     for name, r in small.items():
@@ -282,9 +298,8 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
         ``on_small_set: error``.
     """
     scfg = cfg.score
+    check_config(cfg)
     defined = sets_from_config(scfg.genesets, scfg.gmt, scfg.custom)
-    if not defined:
-        raise InputError("score: no gene sets configured (score.genesets, score.gmt, score.custom)")
     resolved = resolve_sets(defined, adata.var_names)
     coverage = coverage_table(resolved, scfg.min_genes)
     sets = _select(resolved, scfg)
