@@ -143,7 +143,92 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p_cfg.add_argument("--demo", action="store_true", help="print the demo config")
     p_cfg.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    _add_slurm_parser(sub)
     return parser
+
+
+def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p_slurm = sub.add_parser(
+        "slurm",
+        help="run the pipeline as a Slurm job graph (submit, status, cancel)",
+        description="Submit the pipeline as dependent Slurm jobs (per-sample array, then one job "
+        "per stage group), follow them, cancel them. See slurm/README.md.",
+    )
+    ssub = p_slurm.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
+    p_sub = ssub.add_parser(
+        "submit",
+        help="submit the job graph (only what is not up to date)",
+        description="Validate the inputs, then submit one Slurm job per stage group with "
+        "sbatch --dependency=afterok; groups and samples already up to date are left out.",
+    )
+    p_sub.add_argument("--samplesheet", required=True, type=Path, help="as for `immuneage run`")
+    p_sub.add_argument("--config", type=Path, default=None, help="as for `immuneage run`")
+    p_sub.add_argument("--outdir", required=True, type=Path, help="as for `immuneage run`")
+    p_sub.add_argument(
+        "--profile",
+        default=None,
+        help="resource profile YAML, or a shipped one by name (generic, localhost); "
+        "default: generic",
+    )
+    p_sub.add_argument(
+        "--dry-run", action="store_true", help="print the graph and the scripts, submit nothing"
+    )
+    p_sub.add_argument("--quiet", action="store_true", help="print only the job table")
+    p_st = ssub.add_parser(
+        "status",
+        help="state of each job; explain failures, cancel jobs that can never run",
+        description="Show each job group's state (scontrol/squeue; sacct when available). A "
+        f"failed job: its stage and log are shown and the dependents stuck behind it are "
+        f"cancelled. Exit code {_SLURM_EXIT_FAILED} when a job failed.",
+    )
+    p_st.add_argument("outdir", type=Path, help="the --outdir of the submission")
+    p_st.add_argument(
+        "--no-cancel", action="store_true", help="do not cancel dependents of a failed job"
+    )
+    p_st.add_argument("--lines", type=int, default=15, help="log lines to quote per failed job")
+    p_can = ssub.add_parser(
+        "cancel",
+        help="cancel the submission's queued and running jobs",
+        description="scancel every job of the last submission to OUTDIR that has not finished.",
+    )
+    p_can.add_argument("outdir", type=Path, help="the --outdir of the submission")
+
+
+#: Exit code of ``immuneage slurm status`` when a job failed (see pipeline.slurm.status).
+_SLURM_EXIT_FAILED = 3
+
+
+def _cmd_slurm(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .slurm.status import EXIT_FAILED, cancel_all, refresh
+    from .slurm.submit import plan_submission, submit
+
+    if args.slurm_command == "submit":
+        plan = plan_submission(args.samplesheet, args.config, args.outdir, args.profile)
+        if not plan.jobs:
+            print(f"everything is up to date in {plan.paths.outdir}; nothing to submit")
+            return 0
+        if args.dry_run:
+            print(f"dry run: {len(plan.jobs)} job(s) would be submitted for {plan.paths.outdir}")
+            print(plan.graph_text())
+            for job in plan.jobs:
+                print(f"\n==> {job.script_path} <==")
+                print(job.script, end="")
+            return 0
+        record = submit(plan, argv=["immuneage", *argv])
+        ids = {g: e["job_id"] for g, e in record["groups"].items()}
+        print(f"submitted {len(ids)} job(s) for {plan.paths.outdir}:")
+        print(plan.graph_text(ids))
+        if not args.quiet:
+            print(f"scripts, logs and jobs.json in {plan.paths.outdir / 'slurm'}")
+            print(f"follow with: immuneage slurm status {plan.paths.outdir}")
+        return 0
+    if args.slurm_command == "status":
+        report = refresh(args.outdir, cancel=not args.no_cancel, n_lines=args.lines)
+        print(report.text())
+        return EXIT_FAILED if report.failed else 0
+    cancelled = cancel_all(args.outdir)
+    print(f"cancelled: {', '.join(cancelled)}" if cancelled else "no job left to cancel")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -275,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_stages()
         if args.command == "config":
             return _cmd_config(args)
+        if args.command == "slurm":
+            return _cmd_slurm(args, argv)
     except InputError as exc:
         print(f"immuneage: error: {exc}", file=sys.stderr)
         return exc.exit_code
