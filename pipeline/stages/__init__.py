@@ -94,6 +94,26 @@ STAGES: tuple[StageSpec, ...] = (
         check="check_config",
         outputs=("score/score.h5ad", "tables/signature_coverage.tsv"),
     ),
+    StageSpec(
+        name="differential",
+        summary="donor-level tests per cell type: signature shifts, pseudobulk DE (PyDESeq2), composition, covariates",
+        module="pipeline.stages.differential",
+        func="run_differential",
+        inputs=("score",),
+        sections=("seed", "design", "differential"),
+        config_files=("differential.covariates",),
+        outputs=(
+            "differential/differential.h5ad",
+            "tables/signature_means.tsv",
+            "tables/signature_shifts.tsv",
+            "tables/pseudobulk_de/<cell_type>__<contrast>.tsv",
+            "tables/pseudobulk_de_summary.tsv",
+            "tables/signature_enrichment.tsv",
+            "tables/composition.tsv",
+            "tables/covariate_associations.tsv",
+            "tables/differential_dropped.tsv",
+        ),
+    ),
 )
 
 

@@ -991,6 +991,21 @@ def covariate_associations(
 
 
 # --------------------------------------------------------------------------- the stage
+def _check_design(samples: pd.DataFrame, contrasts: list[Contrast], min_donors: int) -> None:
+    """Raise when no contrast has ``min_donors`` donors sampled at both of its timepoints."""
+    by_tp = samples.groupby(keys.TIMEPOINT)[keys.DONOR].agg(set).to_dict()
+    n = {c.name: len(by_tp.get(c.reference, set()) & by_tp.get(c.test, set())) for c in contrasts}
+    if max(n.values(), default=0) < min_donors:
+        detail = ", ".join(f"{k}: {v}" for k, v in n.items())
+        raise InputError(
+            "differential: no test can run: every contrast has fewer than "
+            f"differential.min_donors = {min_donors} donors sampled at both of its timepoints "
+            f"({detail}; timepoints in the data: {', '.join(sorted(by_tp))}). Paired tests need "
+            "the same donors at both timepoints: check the sample sheet's donor and timepoint "
+            "columns and design.contrasts"
+        )
+
+
 def run_differential(
     adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
 ) -> StageResult:
@@ -1036,6 +1051,7 @@ def run_differential(
             msg = f"contrast {c.name}: no sample at timepoint(s) {', '.join(absent)}; it yields no rows"
             warnings.warn(f"differential: {msg}", ImmuneageWarning, stacklevel=2)
             dropped.append(_dropped("all", c.name, "", "", ",".join(absent), msg))
+    _check_design(samples, contrasts, dcfg.min_donors)
     lone = samples.groupby(keys.DONOR)[keys.TIMEPOINT].nunique()
     for d in lone.index[lone < 2]:
         tp = samples.loc[samples[keys.DONOR] == d, keys.TIMEPOINT].iloc[0]
@@ -1130,15 +1146,15 @@ def run_differential(
         dropped += d_cov
         tables["covariate_associations"] = assoc
 
-    n_de = sum(1 for _ in de_tables)
+    n_de = len(de_tables)
     if shifts.empty and composition.empty and n_de == 0:
-        reasons = sorted({r["reason"] for r in dropped if r["donor"] == ""})[:5]
-        raise InputError(
-            "differential: no test could run: "
-            + ("; ".join(reasons) if reasons else "no donor has two timepoints of a contrast")
-            + ". Paired tests need at least differential.min_donors donors sampled at both "
-            "timepoints of a contrast, with >= differential.min_cells cells of a type "
-            "(see design.contrasts and the sample sheet)"
+        warnings.warn(
+            "differential: the design allows paired tests but no cell type had enough cells "
+            f"(>= {dcfg.min_cells} per donor x timepoint in >= {dcfg.min_donors} donors) and no "
+            "composition test ran; all tables are empty (is every cell 'unassigned'? see "
+            "tables/cell_type_counts.tsv and tables/differential_dropped.tsv)",
+            ImmuneageWarning,
+            stacklevel=2,
         )
     for c in contrasts:
         if c.name not in set(shifts["contrast"]) and c.name not in set(composition["contrast"]):
