@@ -602,11 +602,24 @@ def _paired_panel(
     *,
     title: str,
     ylabel: str,
+    excluded: pd.DataFrame | None = None,
 ) -> None:
-    """Per-donor lines across timepoints (grey) and the mean (black) on one axis."""
-    tps = [t for t in timepoints if t in wide.columns]
+    """Per-donor lines across timepoints (grey) and their mean (black) on one axis.
+
+    ``excluded`` (same layout as ``wide``): values left out of the tests (too few
+    cells), drawn as faint open circles joined by dotted lines, not in the mean.
+    """
+    tps = [
+        t
+        for t in timepoints
+        if t in wide.columns or (excluded is not None and t in excluded.columns)
+    ]
     x = np.arange(len(tps))
     vals = wide.reindex(columns=tps).to_numpy(dtype=float)
+    if excluded is not None and len(excluded):
+        for row in excluded.reindex(columns=tps).to_numpy(dtype=float):
+            ok = np.isfinite(row)
+            ax.plot(x[ok], row[ok], ":o", color="#bbbbbb", mfc="none", lw=0.6, ms=2.5)
     for row in vals:
         ok = np.isfinite(row)
         ax.plot(x[ok], row[ok], "-o", color="#7f7f7f", alpha=0.55, lw=0.8, ms=2.5)
@@ -748,7 +761,8 @@ def paired_means(
     ----------
     means
         ``tables/signature_means.tsv``: ``donor``, ``timepoint``, ``cell_type``,
-        ``signature``, ``n_cells``, ``mean_score``.
+        ``signature``, ``n_cells``, ``mean_score`` (and ``passes_min_cells``:
+        means with too few cells are drawn faint and dotted, outside the mean).
     signature
         The signature drawn.
     timepoints
@@ -783,16 +797,29 @@ def paired_means(
         _empty(axes[0], f"no per-donor means for {signature}")
     for ax, ct in zip(axes, shown, strict=False):
         d = sub[sub[keys.CELL_TYPE].astype(str) == ct]
-        wide = d.pivot_table(
-            index=keys.DONOR,
-            columns=keys.TIMEPOINT,
-            values="mean_score",
-            aggfunc="mean",
-            observed=True,
+        passes = (
+            d["passes_min_cells"].astype(str).str.lower().eq("true").to_numpy()
+            if "passes_min_cells" in d.columns
+            else np.ones(len(d), dtype=bool)
+        )
+        wide, excluded = (
+            d[m].pivot_table(
+                index=keys.DONOR,
+                columns=keys.TIMEPOINT,
+                values="mean_score",
+                aggfunc="mean",
+                observed=True,
+            )
+            for m in (passes, ~passes)
         )
         label, sig = _contrast_q_label(tests, {keys.CELL_TYPE: ct}, q_threshold, short)
         _paired_panel(
-            ax, wide, timepoints, title=f"{ct}\n{label}" if label else ct, ylabel="mean score"
+            ax,
+            wide,
+            timepoints,
+            title=f"{ct}\n{label}" if label else ct,
+            ylabel="mean score",
+            excluded=excluded,
         )
         if sig:
             for spine in ax.spines.values():

@@ -804,13 +804,24 @@ def build_report(
         s.note("tables/signature_coverage.tsv is absent: no signature was scored.", kind="missing")
     if means is not None:
         sig_names = list(pd.unique(means["signature"].astype(str)))
+        if shifts is not None:
+            best = (
+                pd.to_numeric(shifts["q_value"], errors="coerce")
+                .groupby(shifts["signature"].astype(str))
+                .min()
+            )
+            sig_names.sort(
+                key=lambda n: best.get(n, np.inf) if pd.notna(best.get(n, np.nan)) else np.inf
+            )
+            s.note("Signatures in order of their smallest q-value (most significant shift first).")
         for sig in sig_names:
             figs.add(
                 s,
                 f"signature_means_{sig}",
                 f"{sig}: mean score of each donor's cells per cell type and timepoint (grey: one line "
-                f"per donor, paired across timepoints; black: mean). Titles: paired-test q per contrast "
-                f"(* q < {thr:g}, ** q < {thr / 10:g}).",
+                f"per donor, paired across timepoints; black: their mean; faint dotted: donor x "
+                f"timepoint means with too few cells, left out of the tests). Titles: paired-test q "
+                f"per contrast (* q < {thr:g}, ** q < {thr / 10:g}).",
                 lambda sig=sig: F.paired_means(
                     means, sig, timepoints, shifts, q_threshold=thr, max_panels=rc.max_panels
                 ),
