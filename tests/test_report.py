@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -470,7 +471,10 @@ def stage_run(tmp_path_factory):
     adata, prov = write_synthetic_run(out)
     pb = ad.AnnData(obs=pd.DataFrame(index=[f"pb{i}" for i in range(7)]))
     cfg = load_config(None, {"report": {"title": "My cohort", "dpi": 60}})
-    res = run_report(adata, pb, cfg, device=None, context=StageContext(out, prov))
+    with warnings.catch_warnings():
+        # the runner records every warning in provenance: the report must raise none
+        warnings.simplefilter("error")
+        res = run_report(adata, pb, cfg, device=None, context=StageContext(out, prov))
     res.files["report.html"](tmp / "r.html")
     (tmp / "figs").mkdir()
     res.files["figures/"](tmp / "figs")

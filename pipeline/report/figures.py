@@ -624,8 +624,10 @@ def _paired_panel(
         ok = np.isfinite(row)
         ax.plot(x[ok], row[ok], "-o", color="#7f7f7f", alpha=0.55, lw=0.8, ms=2.5)
     if len(vals):
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(np.where(np.isfinite(vals), vals, np.nan), axis=0)
+        ok = np.isfinite(vals)
+        n = ok.sum(axis=0)
+        mean = np.where(ok, vals, 0.0).sum(axis=0) / np.where(n > 0, n, 1)
+        mean[n == 0] = np.nan
         ax.plot(x, mean, "-o", color=MEAN_COLOR, lw=2, ms=4)
     ax.set_xticks(x, tps, fontsize=7)
     ax.set_xlim(-0.3, len(tps) - 0.7)
