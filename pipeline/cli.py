@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import ImmuneageError, InputError
+from .errors import ImmuneageError, InputError, OutputWriteError
 
 __all__ = ["main"]
 
@@ -365,6 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"immuneage: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OutputWriteError as exc:
+        print(f"immuneage: error: {exc}", file=sys.stderr)
+        global _HARD_EXIT
+        _HARD_EXIT = True
+        return exc.exit_code
+    except BrokenPipeError:  # e.g. `immuneage stages | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("immuneage: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -382,5 +391,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+#: Set when an output write failed: HDF5 may still hold a file it cannot flush,
+#: and its teardown at interpreter exit can crash; the console entry then exits
+#: without that teardown (the error is already reported, nothing is half-written).
+_HARD_EXIT = False
+
+
+def console_main() -> None:
+    """The ``immuneage`` console script: :func:`main`, then exit with its code."""
+    code = main()
+    if _HARD_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -47,5 +47,14 @@ class LockError(InputError):
     """Another immuneage process holds the output directory."""
 
 
+class OutputWriteError(ImmuneageError):
+    """An output could not be written (disk full, quota, read-only file system ...).
+
+    Nothing half-written is left: artifacts are renamed into place only once
+    complete, and stages finished before the failure keep their stamps, so the
+    same command resumes once the cause is fixed.
+    """
+
+
 class ImmuneageWarning(UserWarning):
     """A problem immuneage works around; recorded in the run's provenance."""

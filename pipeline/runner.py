@@ -31,8 +31,10 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -56,7 +58,7 @@ from .artifacts import (
     write_table_atomic,
 )
 from .config import Config, config_digest, dump_config, section_digest
-from .errors import InputError
+from .errors import InputError, OutputWriteError
 from .lock import outdir_lock
 from .provenance import ResourceMeter, machine_info, package_versions
 from .stages import STAGES, StageContext, StageResult, StageSpec, get_stage, stage_names
@@ -254,8 +256,15 @@ class Runner:
             raise InputError(f"--outdir {self.outdir} exists and is not a directory")
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.outdir, prefix=".write-probe-"):
+                pass
         except OSError as exc:
-            raise InputError(f"cannot create --outdir {self.outdir}: {exc.strerror}") from None
+            if created_outdir:
+                shutil.rmtree(self.outdir, ignore_errors=True)
+            raise InputError(
+                f"--outdir {self.outdir} is not writable: {exc.strerror or exc}; choose a "
+                "writable directory (or fix its permissions / remount it read-write)"
+            ) from None
         summary = RunSummary(outdir=self.outdir, device=self._device_info["resolved"])
         try:
             with outdir_lock(self.outdir, sample=sample):
@@ -417,6 +426,31 @@ class Runner:
         existed = {p for p in [artifact, stamp_path(artifact)] if p.exists()}
         with self._captured(label) as messages, ResourceMeter() as meter:
             result = compute()
+        try:
+            return self._write_outputs(
+                spec, expected, artifact, result, label, existed, messages, meter, extra_info
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+            raise OutputWriteError(
+                f"{label}: could not write its outputs under {self.outdir}: {reason}. Nothing "
+                "half-written was left and earlier stages are kept: free disk space (or check "
+                "quota and permissions, or choose another --outdir), then run the same command "
+                "again to resume"
+            ) from exc
+
+    def _write_outputs(
+        self,
+        spec: StageSpec,
+        expected: Stamp,
+        artifact: Path,
+        result: StageResult,
+        label: str,
+        existed: set[Path],
+        messages: list[str],
+        meter: ResourceMeter,
+        extra_info: dict[str, Any] | None,
+    ) -> list[Path]:
         written: list[Path] = []
         adata = result.adata
         run_info = adata.uns.setdefault(keys.UNS, {})
