@@ -72,6 +72,7 @@ _NOISE = (
     r".*litlogger.*",
     r".*smaller than the logging interval.*",
     r".*cells moved from training set to validation set.*",
+    r".*The `srun` command is available on your system.*",  # Slurm installed, not in a job
 )
 
 
