@@ -144,6 +144,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p_cfg.add_argument("--demo", action="store_true", help="print the demo config")
     p_cfg.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+
+    p_gs = sub.add_parser(
+        "genesets",
+        help="list the built-in gene sets (name, size, source) or print one",
+        description="List the built-in gene sets scored by the `score` stage, or print one set's "
+        "genes; --gmt writes the selected sets as a GMT file to start your own.",
+    )
+    p_gs.add_argument("names", nargs="*", help="sets to print (default: list all)")
+    p_gs.add_argument("--gmt", action="store_true", help="print the sets in GMT format")
     _add_slurm_parser(sub)
     return parser
 
@@ -333,6 +342,32 @@ def _cmd_stages() -> int:
     return 0
 
 
+def _cmd_genesets(args: argparse.Namespace) -> int:
+    from .genesets import builtin_sets
+
+    sets = builtin_sets()
+    unknown = [n for n in args.names if n not in sets]
+    if unknown:
+        raise InputError(
+            f"no built-in gene set {', '.join(map(repr, unknown))}; available: {', '.join(sets)}"
+        )
+    chosen = [sets[n] for n in args.names] if args.names else list(sets.values())
+    if args.gmt:
+        for gs in chosen:
+            print("\t".join([gs.name, f"{gs.label} ({gs.version})", *gs.genes]))
+    elif args.names:
+        for gs in chosen:
+            print(f"{gs.name}: {gs.label} ({len(gs.genes)} genes, {gs.version})")
+            print(f"  source: {gs.source}")
+            print(f"  genes: {' '.join(gs.genes)}")
+    else:
+        width = max(len(gs.name) for gs in chosen)
+        for gs in chosen:
+            print(f"{gs.name:<{width}}  {len(gs.genes):>4} genes  {gs.label}")
+        print("\n`immuneage genesets NAME` shows a set's genes and source; --gmt exports them.")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .config import config_json_schema, demo_config, dump_config, load_config
 
@@ -361,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_stages()
         if args.command == "config":
             return _cmd_config(args)
+        if args.command == "genesets":
+            return _cmd_genesets(args)
         if args.command == "slurm":
             return _cmd_slurm(args, argv)
     except InputError as exc:

@@ -214,3 +214,19 @@ def test_decoupler_methods_agree_in_direction(method):
     res = run_score(a, _cfg(genesets=[], custom={"planted": genes}, method=method))
     s = res.adata.obs["score_planted"].to_numpy()
     assert s[:100].mean() > s[100:].mean()
+
+
+def test_genesets_command_lists_prints_and_exports(capsys, tmp_path):
+    from pipeline.cli import main
+
+    assert main(["genesets"]) == 0
+    out = capsys.readouterr().out
+    assert "tbk1_sting" in out and "senescence" in out
+    assert main(["genesets", "--gmt", "tbk1_sting", "t_naive"]) == 0
+    gmt = tmp_path / "export.gmt"
+    gmt.write_text(capsys.readouterr().out)
+    back = read_gmt(gmt)
+    assert list(back) == ["tbk1_sting", "t_naive"]
+    assert back["tbk1_sting"].genes == builtin_sets()["tbk1_sting"].genes
+    assert main(["genesets", "nope"]) == 2
+    assert "no built-in gene set 'nope'" in capsys.readouterr().err
