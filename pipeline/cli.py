@@ -270,6 +270,9 @@ def _print_summary(summary: object) -> None:
     if prov.exists():
         print(f"  provenance: {prov}")
     print(f"  device: {summary.device}; wall time {summary.wall_s:.1f} s")  # type: ignore[attr-defined]
+    report = summary.outdir / "report.html"  # type: ignore[attr-defined]
+    if report.exists():
+        print(f"report: {report}")
 
 
 def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -303,6 +306,10 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.no_run:
         return 0
     cfg = load_config(args.config) if args.config else demo_config()
+    covariates = cohort_dir / "covariates.csv"
+    if not args.config and covariates.exists():
+        # the demo's plasma betaine per sample: the covariate-association analysis runs too
+        cfg.differential.covariates = str(covariates)
     runner = Runner(
         sheet, cfg, outdir / "results", config_path=args.config, argv=["immuneage", *argv]
     )

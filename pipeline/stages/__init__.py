@@ -114,6 +114,17 @@ STAGES: tuple[StageSpec, ...] = (
             "tables/differential_dropped.tsv",
         ),
     ),
+    StageSpec(
+        name="report",
+        summary="self-contained HTML report (key findings, QC, integration, annotation, signatures, differential, provenance), figures, final AnnData",
+        module="pipeline.stages.report",
+        func="run_report",
+        inputs=("score", "differential"),
+        sections=("report",),
+        context=True,
+        artifact="immuneage.h5ad",
+        outputs=("immuneage.h5ad", "report.html", "figures/"),
+    ),
 )
 
 
