@@ -451,6 +451,14 @@ class ScoreConfig(_Section):
     n_bins: int = Field(
         default=25, ge=2, description="Expression bins for control-gene matching (scanpy n_bins)."
     )
+    controls_exclude_signatures: bool = Field(
+        default=True,
+        description=(
+            "Draw each set's control genes from a pool without the genes of the other configured "
+            "sets (scanpy gene_pool): a programme that shifts then cannot move another set's "
+            "controls and fake a shift. false: scanpy's default pool (all genes)."
+        ),
+    )
 
 
 class DifferentialConfig(_Section):

@@ -66,6 +66,17 @@ def test_all_sets_in_one_product_equal_scanpy_score_genes(device):
             )
             np.testing.assert_allclose(scores[name], direct, atol=1e-5)
             assert not set(controls[name]) & set(genes)
+    # pools without the other sets' genes: scanpy with the same gene_pool
+    others = {g for genes in sets.values() for g in genes}
+    scores, controls = score_matrix(
+        a.X, a.var_names, sets, seed=0, exclude_from_controls=others, device=device
+    )
+    for name, genes in sets.items():
+        pool = [g for g in a.var_names if g not in others or g in genes]
+        ref = a.copy()
+        sc.tl.score_genes(ref, genes, score_name="ref", gene_pool=pool, random_state=0)
+        np.testing.assert_allclose(scores[name], ref.obs["ref"], rtol=0, atol=1e-5)
+        assert not set(controls[name]) & others
 
 
 def test_control_genes_follow_the_seed_and_bins():
@@ -131,7 +142,11 @@ def test_stage_scores_coverage_and_outputs_with_old_symbols():
     genes = list(sets["tbk1_sting"].genes) + list(sets["t_naive"].genes)
     genes = ["TMEM173" if g == "STING1" else "MB21D1" if g == "CGAS" else g for g in genes]
     a = _with_symbols(genes)
-    cfg = _cfg(genesets=["tbk1_sting", "t_naive"], custom={"mine": genes[:6]})
+    cfg = _cfg(
+        genesets=["tbk1_sting", "t_naive"],
+        custom={"mine": genes[:6]},
+        controls_exclude_signatures=False,  # scanpy's default pool, compared below
+    )
     res = run_score(a, cfg)
     out = res.adata
     assert list(out.obsm[SCORES_KEY].columns) == ["tbk1_sting", "t_naive", "mine"]

@@ -17,7 +17,10 @@ Gene sets
     every bin its genes fall in (excluding its own genes, with the same random
     stream scanpy uses, so the control genes are the ones scanpy picks), and
     the score is ``mean(set genes) - mean(control genes)`` on the
-    log-normalised ``X``. Stacking one weight column per set turns every score
+    log-normalised ``X``. By default (``score.controls_exclude_signatures``)
+    the controls come from a pool without the other configured sets' genes
+    (scanpy's ``gene_pool``), so a programme that shifts cannot move another
+    set's controls and fake a shift of that set. Stacking one weight column per set turns every score
     into one ``X @ W`` product (:func:`pipeline.kernels.scoring.weighted_scores`),
     streamed in row blocks on the run device; ``X`` is never densified.
 
@@ -139,6 +142,7 @@ def score_matrix(
     ctrl_size: int = 50,
     n_bins: int = 25,
     seed: int = 0,
+    exclude_from_controls: set[str] | frozenset[str] = frozenset(),
     device: torch.device | str = "cpu",
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """``score_genes`` scores of many sets at once.
@@ -153,6 +157,10 @@ def score_matrix(
         ``{name: genes}``, every gene in ``var_names``.
     ctrl_size, n_bins, seed
         As in :func:`scanpy.tl.score_genes` (``random_state=seed`` for every set).
+    exclude_from_controls
+        Genes no set may use as controls, except as its own genes: each set's
+        pool (scanpy's ``gene_pool``) is every gene minus these, plus the set's
+        genes; bins are cut within that pool, as scanpy cuts them.
     device
         Where the gene means and the product run.
 
@@ -173,8 +181,14 @@ def score_matrix(
     col = pd.Series(np.arange(len(var_names)), index=var_names)
     weights = np.zeros((len(var_names), len(sets)), dtype=np.float64)
     controls: dict[str, list[str]] = {}
-    bins = expression_bins(means, n_bins)
+    shared_bins = expression_bins(means, n_bins)
+    excluded = np.asarray(var_names.isin(list(exclude_from_controls)))
     for j, (name, genes) in enumerate(sets.items()):
+        if excluded.any():
+            in_pool = ~excluded | np.asarray(var_names.isin(list(genes)))
+            bins = expression_bins(means[in_pool], n_bins)
+        else:
+            bins = shared_bins
         ctrl = control_genes(bins, list(genes), ctrl_size=ctrl_size, seed=seed)
         if not ctrl:
             msg = f"gene set {name!r}: no control genes found; the data has too few genes"
@@ -317,6 +331,11 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
             ctrl_size=scfg.ctrl_size,
             n_bins=scfg.n_bins,
             seed=cfg.seed,
+            exclude_from_controls=(
+                {g for genes in sets.values() for g in genes}
+                if scfg.controls_exclude_signatures
+                else frozenset()
+            ),
             device=device,
         )
     else:
