@@ -159,6 +159,38 @@ def geneset_too_small(root: Path) -> str:
     return "'tiny' has 2 of its 3 genes"
 
 
+def _covariates(root: Path, text: str) -> None:
+    (root / "covariates.csv").write_text(text)
+    _config_with(root, {"differential": {"covariates": str(root / "covariates.csv")}})
+
+
+def _samples(root: Path) -> list[str]:
+    return list(_sheet(root)["sample"])
+
+
+def covariates_missing_sample(root: Path) -> str:
+    rows = [f"{s},{i}.5" for i, s in enumerate(_samples(root)[:-1])]
+    _covariates(root, "sample,betaine\n" + "\n".join(rows) + "\n")
+    return _samples(root)[-1]
+
+
+def covariates_not_numeric(root: Path) -> str:
+    rows = [f"{s},{'high' if i == 4 else i}" for i, s in enumerate(_samples(root))]
+    _covariates(root, "sample,betaine\n" + "\n".join(rows) + "\n")
+    return "high"
+
+
+def covariates_without_sample_column(root: Path) -> str:
+    rows = [f"{s},{i}" for i, s in enumerate(_samples(root))]
+    _covariates(root, "id,betaine\n" + "\n".join(rows) + "\n")
+    return "sample"
+
+
+def covariates_file_missing(root: Path) -> str:
+    _config_with(root, {"differential": {"covariates": str(root / "no_such_covariates.csv")}})
+    return "no_such_covariates.csv"
+
+
 CASES: list[Callable[[Path], str]] = [
     missing_column,
     empty_sheet,
@@ -179,6 +211,10 @@ CASES: list[Callable[[Path], str]] = [
     gmt_line_without_genes,
     gmt_missing_file,
     geneset_too_small,
+    covariates_missing_sample,
+    covariates_not_numeric,
+    covariates_without_sample_column,
+    covariates_file_missing,
 ]
 
 
@@ -224,3 +260,28 @@ def test_bad_input_exit_2_names_culprit_no_output(tmp_path, capsys, case):
             == 2
         )
         assert culprit in capsys.readouterr().err
+
+
+SLURM_PROFILES = {
+    "unknown_group": ("groups:\n  integrat: {partition: gpu}\n", "integrat"),
+    "bad_memory": ("defaults: {mem: lots}\n", "mem"),
+    "negative_cpus": ("defaults: {cpus: -2}\n", "cpus"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SLURM_PROFILES))
+def test_bad_slurm_profile_exit_2_names_key_submits_nothing(tmp_path, capsys, case):
+    text, culprit = SLURM_PROFILES[case]
+    root = tmp_path / "in"
+    sheet = write_cohort(root, n_cells=25)
+    profile = root / "profile.yaml"
+    profile.write_text(text)
+    before = tree_checksums(root)
+    out = tmp_path / "out"
+    argv = ["slurm", "submit", "--samplesheet", str(sheet), "--config", str(root / "config.yaml")]
+    code = main([*argv, "--outdir", str(out), "--profile", str(profile), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert culprit in err and str(profile) in err, err
+    assert not out.exists()
+    assert tree_checksums(root) == before

@@ -102,6 +102,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=("score",),
         sections=("seed", "design", "differential"),
         config_files=("differential.covariates",),
+        check="check_config",
         outputs=(
             "differential/differential.h5ad",
             "tables/signature_means.tsv",

@@ -830,6 +830,23 @@ def composition_tests(
 
 
 # --------------------------------------------------------------------------- (d) covariates
+def check_config(cfg: Config, sheet: Any) -> None:
+    """Fail fast on the covariates table before any stage runs.
+
+    Called by :func:`pipeline.runner.validate_inputs`; validates
+    ``differential.covariates`` against the sample sheet's samples.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_covariates`.
+    """
+    dcfg = cfg.differential
+    if dcfg.covariates is not None:
+        samples = pd.DataFrame({keys.SAMPLE: list(sheet.samples)})
+        read_covariates(dcfg.covariates, samples, dcfg.covariate_columns)
+
+
 def read_covariates(
     path: str | Path, samples: pd.DataFrame, columns: list[str] | None = None
 ) -> pd.DataFrame:
