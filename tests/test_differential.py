@@ -380,19 +380,6 @@ def test_recovery_on_default_demo(default_demo) -> None:
     m = recovery_metrics(tables, truth)
     print(f"default demo recovery: {m}")
     assert m["sensitivity"] >= 0.9 and m["de_auroc"] >= 0.9, m
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "score_genes control genes share expression bins with the planted programmes' ~130 "
-        "shifted genes, so control means move and unplanted scores of the same cell type "
-        "(t_naive, t_exhaustion in CD14 monocytes) shift for real: 5 of 22 calls at default "
-        "size. With a control-free score (mean of the set's genes) the same tests give 2 of 21."
-    ),
-)
-def test_false_calls_on_default_demo(default_demo) -> None:
-    tables, truth, _ = default_demo
-    m = recovery_metrics(tables, truth)
-    assert m["false_fraction"] <= 0.1, m
+    # controls drawn outside the other programmes (score.controls_exclude_signatures): with
+    # scanpy's all-gene pool, planted genes in other sets' controls gave 5 of 22 false calls
+    assert m["n_calls"] >= 10 and m["false_fraction"] <= 0.1, m
