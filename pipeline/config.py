@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 __all__ = [
     "AnnotateConfig",
@@ -677,6 +677,44 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(
+    path: Path, *, what: str, keys_hint: str, error: type[InputError] = ConfigError
+) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (an empty file is an empty mapping).
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        How messages name it (``"config file"``, ``"Slurm profile"``).
+    keys_hint
+        What the mapping should hold, for the message when it is not a mapping.
+    error
+        The :class:`~pipeline.errors.InputError` subclass raised.
+
+    Raises
+    ------
+    InputError
+        Not YAML (with line and column), not UTF-8 text, or not a mapping.
+    """
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{what} {path} is not valid YAML{where}: {exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not a UTF-8 text file") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise error(
+            f"{what} {path} must hold a mapping of {keys_hint}, not a {type(loaded).__name__}"
+        )
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load and validate a YAML configuration.
 
@@ -705,21 +743,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(
                 f"config file {p} does not exist; pass an existing YAML file to --config"
             )
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {p} is not a UTF-8 text file") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {p} must hold a mapping of sections (seed, device, design, ...), "
-                f"not a {type(loaded).__name__}"
-            )
+        loaded = read_yaml_mapping(
+            p, what="config file", keys_hint="sections (seed, device, design, ...)"
+        )
         data = loaded
     if overrides:
         data = _deep_merge(data, overrides)

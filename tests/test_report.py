@@ -26,6 +26,7 @@ from pipeline.report import build_report, key_findings, read_tables
 from pipeline.report import figures as F
 from pipeline.report.render import marker_expression
 from pipeline.stages import StageContext
+from pipeline.stages.differential import MEANS_COLUMNS
 from pipeline.stages.report import run_report
 
 CELL_TYPES = ("CD14 monocyte", "NK", "CD8 memory T", "B naive")
@@ -173,19 +174,7 @@ def synthetic_tables(
                 shifts.append((con, ct, sig, "paired_t", len(donors), "", 0.0, eff, eff, eff / 0.1,
                                eff - 0.05, eff + 0.05, 3.0, q / 5, q, q / 3, "paired t", ""))  # fmt: skip
                 enr.append((con, ct, sig, 20, rng.normal(0, 2), q, q))
-    t["signature_means"] = pd.DataFrame(
-        means,
-        columns=[
-            "donor",
-            "timepoint",
-            "cell_type",
-            "signature",
-            "n_cells",
-            "mean_score",
-            "sample",
-            "passes_min_cells",
-        ],
-    )
+    t["signature_means"] = pd.DataFrame(means, columns=list(MEANS_COLUMNS))
     t["signature_shifts"] = pd.DataFrame(
         shifts,
         columns=["contrast", "cell_type", "signature", "test", "n_donors", "donors_dropped", "mean_reference",

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..config import read_yaml_mapping
 from ..errors import InputError
 from .graph import GROUP_NAMES
 
@@ -282,21 +283,12 @@ def load_profile(profile: str | Path | None = None) -> tuple[Profile, Path | Non
     if profile is None:
         return default_profile(), None
     path = _resolve(profile)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ProfileError(f"Slurm profile {path} is not valid YAML{where}: {exc}") from None
-    except UnicodeDecodeError:
-        raise ProfileError(f"Slurm profile {path} is not a UTF-8 text file") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ProfileError(
-            f"Slurm profile {path} must hold a mapping (defaults, groups, setup, max_array_tasks), "
-            f"not a {type(data).__name__}"
-        )
+    data = read_yaml_mapping(
+        path,
+        what="Slurm profile",
+        keys_hint="keys (defaults, groups, setup, max_array_tasks)",
+        error=ProfileError,
+    )
     try:
         return Profile.model_validate(data), path.resolve()
     except ValidationError as err:
