@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -38,6 +39,25 @@ SMALL_OVERRIDES = {
 
 DONORS = ("D1", "D2", "D3")
 TIMEPOINTS = ("baseline", "acute", "longterm")
+
+
+def run_argv(sheet: Path, outdir: Path, *extra: str, config: Path | None = None) -> list[str]:
+    """argv of a real ``immuneage run`` subprocess on ``sheet`` (config: ``config.yaml`` beside it)."""
+    config = config if config is not None else sheet.parent / "config.yaml"
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--samplesheet",
+        str(sheet),
+        "--config",
+        str(config),
+        "--outdir",
+        str(outdir),
+        "--quiet",
+        *extra,
+    ]
 
 
 def make_counts(n_cells: int, n_genes: int, seed: int, *, prefix: str = "G") -> ad.AnnData:

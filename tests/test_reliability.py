@@ -8,31 +8,13 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import write_cohort
+from conftest import run_argv, write_cohort
 
 from pipeline.artifacts import TMP_MARKER
-
-
-def _cli(sheet: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "run",
-        "--samplesheet",
-        str(sheet),
-        "--config",
-        str(sheet.parent / "config.yaml"),
-        "--outdir",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
 
 
 def _sha(p: Path) -> str:
@@ -51,13 +33,13 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference_run(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rel_ref") / "out"
-    subprocess.run(_cli(cohort, out, "--until", "score"), check=True, timeout=600)
+    subprocess.run(run_argv(cohort, out, "--until", "score"), check=True, timeout=600)
     return out
 
 
 def test_same_seed_gives_byte_identical_tables(cohort, reference_run, tmp_path):
     out = tmp_path / "again"
-    subprocess.run(_cli(cohort, out, "--until", "score"), check=True, timeout=600)
+    subprocess.run(run_argv(cohort, out, "--until", "score"), check=True, timeout=600)
     assert _tables(out) == _tables(reference_run)
     assert len(_tables(out)) >= 8
 
@@ -74,7 +56,7 @@ def test_full_disk_mid_run_is_a_clear_error_and_resumes(cohort, reference_run, t
     out = tmp_path / "out"
     # small per-sample files fit, the merged cohort does not: a "full disk" mid-run
     proc = subprocess.run(
-        _cli(cohort, out, "--until", "score"),
+        run_argv(cohort, out, "--until", "score"),
         preexec_fn=_limit_file_size(120_000),
         capture_output=True,
         text=True,
@@ -96,7 +78,7 @@ def test_full_disk_mid_run_is_a_clear_error_and_resumes(cohort, reference_run, t
         for rel, meta in json.loads(stamp.read_text())["outputs"].items():
             assert _sha(out / rel) == meta["sha256"], rel
     # resume without the limit: same tables as an uninterrupted run
-    subprocess.run(_cli(cohort, out, "--until", "score"), check=True, timeout=600)
+    subprocess.run(run_argv(cohort, out, "--until", "score"), check=True, timeout=600)
     assert _tables(out) == _tables(reference_run)
 
 
@@ -115,7 +97,7 @@ def test_read_only_outdir_is_an_input_error(cohort, tmp_path):
         mnt.chmod(0o555)  # not root: permissions make it read-only
     try:
         proc = subprocess.run(
-            _cli(cohort, mnt / "out"), capture_output=True, text=True, timeout=300
+            run_argv(cohort, mnt / "out"), capture_output=True, text=True, timeout=300
         )
         if proc.returncode == 0:
             pytest.fail("a run into a read-only directory succeeded")
@@ -130,7 +112,7 @@ def test_read_only_outdir_is_an_input_error(cohort, tmp_path):
 def test_two_runs_on_one_outdir_are_refused_not_interleaved(cohort, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen(
-        _cli(cohort, out, "--until", "integrate"),
+        run_argv(cohort, out, "--until", "integrate"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -143,7 +125,10 @@ def test_two_runs_on_one_outdir_are_refused_not_interleaved(cohort, tmp_path):
             assert first.poll() is None, first.stderr.read() if first.stderr else ""
             time.sleep(0.05)
         second = subprocess.run(
-            _cli(cohort, out, "--until", "integrate"), capture_output=True, text=True, timeout=120
+            run_argv(cohort, out, "--until", "integrate"),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert first.poll() is None, "the first run ended before the second tried"
         assert second.returncode == 2, second.stderr

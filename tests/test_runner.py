@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL_OVERRIDES, tree_checksums, write_cohort
+from conftest import SMALL_OVERRIDES, run_argv, tree_checksums, write_cohort
 
 from pipeline.artifacts import (
     atomic_path,
@@ -286,19 +285,7 @@ def test_sigkill_then_resume_matches_uninterrupted(killable, tmp_path, kill_afte
     """Kill a real `immuneage run` with SIGKILL mid-run; the rerun finishes with identical outputs."""
     sheet, ref = killable
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "run",
-        "--samplesheet",
-        str(sheet),
-        "--config",
-        str(sheet.parent / "config.yaml"),
-        "--outdir",
-        str(out),
-        "--quiet",
-    ]
+    cmd = run_argv(sheet, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     rng = np.random.default_rng(kill_after_stamps)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_cohort
+from conftest import run_argv, write_cohort
 
 from pipeline.slurm.graph import job_groups
 from pipeline.slurm.jobs import read_jobs
@@ -121,19 +121,7 @@ def slurm_run(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr
     local = subprocess.Popen(  # same input, same thread count as the 1-CPU jobs
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "run",
-            "--samplesheet",
-            str(sheet),
-            "--config",
-            str(config),
-            "--outdir",
-            str(root / "local_out"),
-            "--quiet",
-        ],
+        run_argv(sheet, root / "local_out", config=config),
         env={**os.environ, **THREADS},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
