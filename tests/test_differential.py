@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -370,7 +371,13 @@ def test_demo_composition_and_covariate(ci_demo) -> None:
 
 @pytest.fixture(scope="module")
 def default_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
-    """One pipeline run on the default-size demo (30,000 cells; minutes)."""
+    """One pipeline run on the default-size demo (30,000 cells; ~4 min on 2 cores).
+
+    Opt-in (``IMMUNEAGE_SLOW_TESTS=1``) to keep the README test command within
+    CI's time budget; the CI-size recovery test above asserts the same criteria.
+    """
+    if not os.environ.get("IMMUNEAGE_SLOW_TESTS"):
+        pytest.skip("default-size demo recovery: set IMMUNEAGE_SLOW_TESTS=1 to run it (~4 min)")
     return _demo_run(tmp_path_factory.mktemp("diff_demo_default"), "default")
 
 
