@@ -58,20 +58,55 @@ STAGE_TO_STEPS = {
 }
 
 
-def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v``; wall (perf_counter) and peak RSS (max RSS)."""
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def thread_env(threads: int | None) -> dict[str, str] | None:
+    """The environment for a subprocess limited to ``threads`` threads (None: inherited)."""
+    if threads is None:
+        return None
+    return {**os.environ, **dict.fromkeys(THREAD_VARS, str(threads))}
+
+
+def timed(cmd: list[str], log: Path, threads: int | None = None) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v``; wall (perf_counter) and peak RSS (max RSS).
+
+    ``threads`` sets OMP/MKL/OpenBLAS/numba thread counts (torch follows
+    OMP_NUM_THREADS): on a shared, oversubscribed machine torch's default of one
+    thread per core collapses (threads wait on each other), 1 thread does not.
+    """
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as err:
         r = subprocess.run(
-            ["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=err, text=True
+            ["/usr/bin/time", "-v", *cmd],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=thread_env(threads),
         )
     wall = time.perf_counter() - t0
     text = log.read_text()
     if r.returncode != 0:
         sys.stderr.write(text[-4000:])
         raise SystemExit(f"{cmd[0]} failed with exit code {r.returncode}; log: {log}")
+    load = (round(load0, 2), round(os.getloadavg()[0], 2))
+    return {
+        "wall_s": round(wall, 2),
+        **time_v(text),
+        "load_1min_start_end": load,
+        "stdout": r.stdout,
+    }
+
+
+def time_v(text: str) -> dict:
+    """Peak RSS and CPU seconds (user + system) from ``/usr/bin/time -v`` output."""
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1), "stdout": r.stdout}
+    cpu = sum(
+        float(re.search(rf"{k} time \(seconds\): ([\d.]+)", text).group(1))
+        for k in ("User", "System")
+    )
+    return {"peak_rss_mb": round(rss_kb / 1024, 1), "cpu_s": round(cpu, 1)}
 
 
 def stage_table(prov: dict) -> dict[str, dict]:
@@ -144,7 +179,8 @@ def markdown(rec: dict) -> str:
     )
     lines.append("")
     lines.append(
-        f"Overhead: wall {rec['overhead_wall_pct']:+.1f} %, peak RSS {rec['overhead_rss_pct']:+.1f} % "
+        f"Overhead: wall {rec['overhead_wall_pct']:+.1f} %, CPU time (user+sys) "
+        f"{rec['overhead_cpu_pct']:+.1f} % ({p['cpu_s']:.0f} vs {q['cpu_s']:.0f} s), peak RSS {rec['overhead_rss_pct']:+.1f} % "
         f"({rec['cells_after_qc_pipeline']:,} vs {rec['cells_after_qc_plain']:,} cells after QC; "
         f"{rec['cells_generated']:,} generated)."
     )
@@ -157,6 +193,12 @@ def main() -> None:
     ap.add_argument("--n-cells", type=int, default=None, help="override the size's cell count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_e2e"))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL/torch threads of both runs (default: the libraries' own, one per core)",
+    )
     ap.add_argument("--plain-first", action="store_true", help="run the plain script first")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "end_to_end.json")
     args = ap.parse_args()
@@ -201,7 +243,7 @@ def main() -> None:
     for name in order:
         shutil.rmtree(work / name, ignore_errors=True)
         print(f"running {name}: {' '.join(runs[name])}", flush=True)
-        res[name] = timed(runs[name], work / f"{name}.log")
+        res[name] = timed(runs[name], work / f"{name}.log", args.threads)
         print(
             f"  {name}: {res[name]['wall_s']:.1f} s, {res[name]['peak_rss_mb']:.0f} MB", flush=True
         )
@@ -220,6 +262,7 @@ def main() -> None:
         "note": "pipeline and plain script run back to back in this one command on a shared machine "
         "(other jobs running): timings are noisy",
         "order": order,
+        "threads": args.threads or "library default (one per core)",
         "size": args.size,
         "seed": args.seed,
         "cells_generated": cohort.n_cells,
@@ -234,6 +277,8 @@ def main() -> None:
         "pipeline": {
             "wall_s": res["pipeline"]["wall_s"],
             "peak_rss_mb": res["pipeline"]["peak_rss_mb"],
+            "cpu_s": res["pipeline"]["cpu_s"],
+            "load_1min_start_end": res["pipeline"]["load_1min_start_end"],
             "stages_wall_s": round(sum(s["wall_s"] for s in stages.values()), 2),
             "outside_stages_s": round(
                 res["pipeline"]["wall_s"] - sum(s["wall_s"] for s in stages.values()), 2
@@ -243,6 +288,8 @@ def main() -> None:
         "plain": {
             "wall_s": res["plain"]["wall_s"],
             "peak_rss_mb": res["plain"]["peak_rss_mb"],
+            "cpu_s": res["plain"]["cpu_s"],
+            "load_1min_start_end": res["plain"]["load_1min_start_end"],
             "steps_s": plain["steps_s"],
             "imports_s": plain["imports_s"],
             "n_tables": plain["n_tables"],
@@ -252,6 +299,7 @@ def main() -> None:
     rec["overhead_wall_pct"] = round(
         100 * (rec["pipeline"]["wall_s"] / rec["plain"]["wall_s"] - 1), 1
     )
+    rec["overhead_cpu_pct"] = round(100 * (rec["pipeline"]["cpu_s"] / rec["plain"]["cpu_s"] - 1), 1)
     rec["overhead_rss_pct"] = round(
         100 * (rec["pipeline"]["peak_rss_mb"] / rec["plain"]["peak_rss_mb"] - 1), 1
     )

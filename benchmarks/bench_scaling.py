@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 
-def run_point(n_cells: int, max_epochs: int, work: Path, seed: int) -> dict:
+def run_point(n_cells: int, max_epochs: int, work: Path, seed: int, threads: int | None) -> dict:
     import anndata as ad
     import yaml
     from bench_end_to_end import machine, stage_table, timed
@@ -72,7 +72,7 @@ def run_point(n_cells: int, max_epochs: int, work: Path, seed: int) -> dict:
         "--quiet",
     ]
     print(f"{n_cells} cells: cohort in {gen_s:.1f} s; running {' '.join(cmd)}", flush=True)
-    r = timed(cmd, wdir / "run.log")
+    r = timed(cmd, wdir / "run.log", threads)
     prov = json.loads((out / "provenance.json").read_text())
     raw = ad.read_h5ad(out / "ingest" / "ingest.h5ad", backed="r")
     n_obs, n_vars = raw.n_obs, raw.n_vars
@@ -91,6 +91,9 @@ def run_point(n_cells: int, max_epochs: int, work: Path, seed: int) -> dict:
         "csr_gb": round((nnz * (4 + 4) + (n_obs + 1) * 8) / 2**30, 3),
         "dense_f32_gb": round(n_obs * n_vars * 4 / 2**30, 3),
         "max_epochs": max_epochs,
+        "threads": threads or "library default (one per core)",
+        "cpu_s": r["cpu_s"],
+        "load_1min_start_end": r["load_1min_start_end"],
         "generate_s": round(gen_s, 1),
         "wall_s": r["wall_s"],
         "peak_rss_mb": r["peak_rss_mb"],
@@ -177,6 +180,9 @@ def main() -> None:
     ap.add_argument("--cells", type=int, nargs="+", default=[10_000, 50_000])
     ap.add_argument("--max-epochs", type=int, default=5, help="scVI epochs cap (demo: 25)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="OMP/MKL/torch threads (see bench_end_to_end)"
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scaling"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scaling.json")
     ap.add_argument("--keep", action="store_true", help="keep each size's cohort and outputs")
@@ -185,7 +191,7 @@ def main() -> None:
     old = json.loads(args.out.read_text()) if args.out.exists() else {"points": []}
     points = {p["cells"]: p for p in old["points"]}
     for n in args.cells:
-        p = run_point(n, args.max_epochs, args.workdir.resolve(), args.seed)
+        p = run_point(n, args.max_epochs, args.workdir.resolve(), args.seed, args.threads)
         points[p["cells"]] = p
         print(
             f"  {p['cells']} cells: {p['wall_s']:.1f} s, peak {p['peak_rss_mb']:.0f} MB "
