@@ -78,6 +78,35 @@ def outside(x, k: float, lo: bool = True, hi: bool = True):
     return ((x < med - k * mad) & lo) | ((x > med + k * mad) & hi)
 
 
+def knn_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """scanpy's default pynndescent kNN (same parameters), returning a ``csr_matrix``.
+
+    With the installed pynndescent, scanpy 1.11's own call fails from 4,096
+    cells on (``'csr_array' object has no attribute 'getnnz'``); this is the
+    usual user-side workaround (immuneage applies the same one). Below 4,096
+    cells scanpy computes exact neighbours itself (None).
+    """
+    if n_obs < 4096:
+        return None
+    import numpy as np
+    import scanpy as sc
+    import scipy.sparse as sp
+    from pynndescent import PyNNDescentTransformer
+
+    class CSRTransformer(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **kw):
+            return sp.csr_matrix(super().fit_transform(X, y, **kw))
+
+    return CSRTransformer(
+        n_neighbors=n_neighbors,
+        metric="euclidean",
+        random_state=seed,
+        n_jobs=sc.settings.n_jobs,
+        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))),
+    )
+
+
 def read_sample(path: Path):
     import anndata as ad
     import scanpy as sc
@@ -230,7 +259,13 @@ def main() -> None:
 
     # ------------------------------------------------------------- cluster
     with step("cluster"):
-        sc.pp.neighbors(adata, n_neighbors=c.n_neighbors, use_rep="X_scVI", random_state=seed)
+        sc.pp.neighbors(
+            adata,
+            n_neighbors=c.n_neighbors,
+            use_rep="X_scVI",
+            random_state=seed,
+            transformer=knn_transformer(adata.n_obs, c.n_neighbors, seed),
+        )
         for r in c.resolutions:
             sc.tl.leiden(
                 adata,
