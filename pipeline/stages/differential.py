@@ -202,6 +202,15 @@ def _frame(rows: list[dict[str, Any]], columns: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
+def _bh_within(table: pd.DataFrame, by: str, columns: Iterable[str]) -> pd.DataFrame:
+    """Add ``q_value``: BH over the rows of each ``by`` group (e.g. within a contrast)."""
+    table["q_value"] = np.nan
+    for group in table[by].unique():
+        m = (table[by] == group).to_numpy()
+        table.loc[m, "q_value"] = bh_adjust(table.loc[m, "p_value"].to_numpy(dtype=float))
+    return table[list(columns)]
+
+
 def _signature_columns(adata: AnnData) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Signature name -> obs score column, and name -> genes (empty when unknown)."""
     info = adata.uns.get(keys.UNS, {})
@@ -421,11 +430,7 @@ def signature_shift_tests(
                     }
                 rows.append(row)
     table = _frame(rows, [c for c in SHIFT_COLUMNS if c != "q_value"])
-    table["q_value"] = np.nan
-    for cname in table["contrast"].unique():
-        m = (table["contrast"] == cname).to_numpy()
-        table.loc[m, "q_value"] = bh_adjust(table.loc[m, "p_value"].to_numpy(dtype=float))
-    return table[list(SHIFT_COLUMNS)], dropped
+    return _bh_within(table, "contrast", SHIFT_COLUMNS), dropped
 
 
 # --------------------------------------------------------------------------- (b) pseudobulk DE
@@ -678,12 +683,7 @@ def signature_enrichment(
         parts.append(r)
     if not parts:
         return pd.DataFrame(columns=list(ENRICHMENT_COLUMNS))
-    out = pd.concat(parts, ignore_index=True)
-    out["q_value"] = np.nan
-    for c in out["contrast"].unique():
-        m = (out["contrast"] == c).to_numpy()
-        out.loc[m, "q_value"] = bh_adjust(out.loc[m, "p_value"].to_numpy(dtype=float))
-    return out[list(ENRICHMENT_COLUMNS)]
+    return _bh_within(pd.concat(parts, ignore_index=True), "contrast", ENRICHMENT_COLUMNS)
 
 
 # --------------------------------------------------------------------------- (c) composition
@@ -822,11 +822,7 @@ def composition_tests(
                 }
             )
     table = _frame(rows, [c for c in COMPOSITION_COLUMNS if c != "q_value"])
-    table["q_value"] = np.nan
-    for c in table["contrast"].unique():
-        m = (table["contrast"] == c).to_numpy()
-        table.loc[m, "q_value"] = bh_adjust(table.loc[m, "p_value"].to_numpy(dtype=float))
-    return table[list(COMPOSITION_COLUMNS)], dropped
+    return _bh_within(table, "contrast", COMPOSITION_COLUMNS), dropped
 
 
 # --------------------------------------------------------------------------- (d) covariates
@@ -1000,11 +996,7 @@ def covariate_associations(
                 }
             )
     table = _frame(rows, [c for c in COVARIATE_COLUMNS if c != "q_value"])
-    table["q_value"] = np.nan
-    for c in table["covariate"].unique():
-        m = (table["covariate"] == c).to_numpy()
-        table.loc[m, "q_value"] = bh_adjust(table.loc[m, "p_value"].to_numpy(dtype=float))
-    return table[list(COVARIATE_COLUMNS)], dropped
+    return _bh_within(table, "covariate", COVARIATE_COLUMNS), dropped
 
 
 # --------------------------------------------------------------------------- the stage
