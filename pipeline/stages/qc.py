@@ -202,7 +202,11 @@ def _scrublet(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sc.pp.scrublet(tmp, verbose=False, **kw)
+            # exact neighbours: scanpy's own choice for small samples; for larger ones
+            # scanpy 1.11 switches to pynndescent, whose csr_array result it cannot read
+            # ('csr_array' object has no attribute 'getnnz'): a 5,000-cell sample crashed.
+            # Exact kNN on 30 PCs stays fast at sample size (tests/test_qc.py).
+            sc.pp.scrublet(tmp, verbose=False, use_approx_neighbors=False, **kw)
     thr = tmp.uns.get("scrublet", {}).get("threshold")
     score = tmp.obs["doublet_score"].to_numpy(np.float64)
     called = tmp.obs["predicted_doublet"].fillna(False).to_numpy(bool)
