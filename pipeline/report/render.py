@@ -258,15 +258,18 @@ def key_findings(
             {"signature": [], "composition": [], "de": [], "n_tests": {}, "n_significant": {}},
         )
 
+    def tested(con: str, kind: str, g: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+        """The contrast's slot and its rows below the threshold; counts tests and hits."""
+        s = slot(con)
+        sig = _sig_rows(g, q_threshold)
+        s["n_tests"][kind] = int(pd.to_numeric(g["q_value"], errors="coerce").notna().sum())
+        s["n_significant"][kind] = len(sig)
+        return s, sig
+
     shifts = tables.get("signature_shifts")
     if shifts is not None:
         for con, g in shifts.groupby(shifts["contrast"].astype(str), sort=False):
-            s = slot(con)
-            sig = _sig_rows(g, q_threshold)
-            s["n_tests"]["signature"] = int(
-                pd.to_numeric(g["q_value"], errors="coerce").notna().sum()
-            )
-            s["n_significant"]["signature"] = len(sig)
+            s, sig = tested(con, "signature", g)
             for r in sig.head(max_findings).itertuples(index=False):
                 eff = _num(r.effect)
                 direction = "up" if eff > 0 else "down"
@@ -291,12 +294,7 @@ def key_findings(
     comp = tables.get("composition")
     if comp is not None:
         for con, g in comp.groupby(comp["contrast"].astype(str), sort=False):
-            s = slot(con)
-            sig = _sig_rows(g, q_threshold)
-            s["n_tests"]["composition"] = int(
-                pd.to_numeric(g["q_value"], errors="coerce").notna().sum()
-            )
-            s["n_significant"]["composition"] = len(sig)
+            s, sig = tested(con, "composition", g)
             for r in sig.head(max_findings).itertuples(index=False):
                 eff = _num(r.effect_clr)
                 direction = "up" if eff > 0 else "down"
