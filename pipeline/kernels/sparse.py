@@ -33,9 +33,12 @@ __all__ = [
     "col_sums",
     "csr_to_torch",
     "expand_rows",
+    "is_row_source",
+    "iter_row_blocks",
     "iter_row_chunks",
     "log1p_values",
     "make_csr",
+    "row_block",
     "row_ids",
     "row_nnz",
     "row_sums",
@@ -157,6 +160,54 @@ def csr_to_torch(
     )
 
 
+def is_row_source(x: object) -> bool:
+    """Whether ``x`` is a cells x genes matrix read in blocks of rows, not held in memory.
+
+    A *row source* is any object with a 2-D ``shape`` whose ``x[start:stop]`` returns
+    those rows as a scipy CSR matrix: an on-disk
+    :class:`anndata.abc.CSRDataset` (``anndata.io.sparse_dataset`` of an h5ad
+    group; what the runner hands stages in ``backed`` mode) or a lazy matrix of
+    :mod:`pipeline.io.ondisk`. In-memory scipy matrices are not row sources.
+    """
+    return (
+        not sparse.issparse(x)
+        and not isinstance(x, np.ndarray)
+        and hasattr(x, "shape")
+        and len(getattr(x, "shape", ())) == 2
+        and hasattr(x, "__getitem__")
+    )
+
+
+def row_block(x: object, start: int, stop: int) -> sparse.csr_matrix:
+    """Rows ``start:stop`` of an in-memory sparse matrix or a row source, as host CSR."""
+    if sparse.issparse(x):
+        csr = x if x.format == "csr" else sparse.csr_matrix(x)
+        return csr[start:stop]
+    if is_row_source(x):
+        return as_csr(x[start:stop])
+    return as_csr(x)  # raises the TypeError of a dense or unknown input
+
+
+def iter_row_blocks(
+    x: object, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[tuple[int, int, sparse.csr_matrix]]:
+    """Yield ``(start, stop, block)``: consecutive host CSR blocks of at most ``chunk_size`` rows.
+
+    Works the same on an in-memory scipy sparse matrix and on a row source
+    (:func:`is_row_source`, e.g. an on-disk h5ad matrix), so a computation written
+    over blocks never needs the whole matrix in memory.
+    """
+    if chunk_size < 1:
+        msg = f"chunk_size must be a positive number of rows, got {chunk_size}"
+        raise ValueError(msg)
+    if sparse.issparse(x):
+        x = as_csr(x)
+    n_rows = int(x.shape[0])
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        yield start, stop, row_block(x, start, stop)
+
+
 def iter_row_chunks(
     x: sparse.spmatrix | sparse.sparray,
     *,
@@ -169,7 +220,8 @@ def iter_row_chunks(
     Parameters
     ----------
     x
-        Host sparse matrix (converted to CSR if needed).
+        Host sparse matrix (converted to CSR if needed), or a row source
+        (:func:`is_row_source`: an on-disk matrix read one block at a time).
     device
         Device each block is copied to.
     dtype
@@ -187,8 +239,12 @@ def iter_row_chunks(
     if chunk_size < 1:
         msg = f"chunk_size must be a positive number of rows, got {chunk_size}"
         raise ValueError(msg)
-    csr = as_csr(x)
     dev = as_device(device)
+    if is_row_source(x):
+        for start, stop, block in iter_row_blocks(x, chunk_size=chunk_size):
+            yield start, stop, _block_to_torch(block, 0, stop - start, device=dev, dtype=dtype)
+        return
+    csr = as_csr(x)
     n_rows = csr.shape[0]
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
