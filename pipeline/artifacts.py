@@ -104,34 +104,126 @@ def write_table_atomic(path: Path, table: pd.DataFrame, *, index: bool = False) 
 X_IS_COUNTS = "immuneage_x_is_counts"
 
 
-def write_h5ad_atomic(path: Path, adata: AnnData) -> Path:
+def _matrices(adata: AnnData) -> dict[str, Any]:
+    """``X`` and every layer, keyed by their h5ad element path."""
+    out: dict[str, Any] = {}
+    if adata.X is not None:
+        out["X"] = adata.X
+    for name in adata.layers:
+        out[f"layers/{name}"] = adata.layers[name]
+    return out
+
+
+def write_h5ad_atomic(
+    path: Path, adata: AnnData, *, link: bool = True, chunk_size: int | None = None
+) -> Path:
     """Write an AnnData atomically (uncompressed h5ad; sparse matrices stay sparse).
 
     When ``layers["counts"]`` is the very object in ``X`` (raw-count artifacts),
     the matrix is stored once, in ``X``, with a flag in ``uns``;
     :func:`read_h5ad_artifact` restores the layer. This halves the disk and the
     memory of reading ingest artifacts back.
+
+    Matrices that are row sources (``backed`` mode; see :mod:`pipeline.io.ondisk`)
+    are never loaded whole: one opened in place from another h5ad file becomes an
+    HDF5 external link to it (a relative path, so the output directory can be
+    moved as a whole) when ``link`` is true, and any other row source is written
+    block by block (``chunk_size`` rows at a time). ``link=False`` gives a file that
+    holds every matrix itself (the run's final AnnData).
     """
+    from .io.ondisk import source_location, write_csr
+    from .kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source
+
     shared = adata.layers.get(keys.COUNTS) is not None and adata.layers[keys.COUNTS] is adata.X
+    lazy = {k: m for k, m in _matrices(adata).items() if is_row_source(m)}
     if shared:
-        layer = adata.layers[keys.COUNTS]
-        del adata.layers[keys.COUNTS]
-        adata.uns[X_IS_COUNTS] = True
+        lazy.pop(f"layers/{keys.COUNTS}", None)
+    target = adata
+    if lazy:
+        # a shallow skeleton without the lazy matrices; they are added below
+        target = AnnData(
+            X=None if "X" in lazy else adata.X,
+            obs=adata.obs,
+            var=adata.var,
+            uns=adata.uns,
+            obsm=dict(adata.obsm.items()),
+            varm=dict(adata.varm.items()),
+            obsp=dict(adata.obsp.items()),
+            layers={k: v for k, v in adata.layers.items() if f"layers/{k}" not in lazy},
+        )
+    layer = None
+    if shared:
+        layer = target.layers[keys.COUNTS]
+        del target.layers[keys.COUNTS]
+        target.uns[X_IS_COUNTS] = True
     try:
         with atomic_path(path) as tmp:
-            adata.write_h5ad(tmp)
+            target.write_h5ad(tmp)
+            if lazy:
+                import h5py
+
+                with h5py.File(tmp, "a") as f:
+                    for elem, matrix in lazy.items():
+                        where = source_location(matrix)
+                        if link and where is not None:
+                            rel = os.path.relpath(where[0], start=Path(path).parent)
+                            f[elem] = h5py.ExternalLink(rel, where[1])
+                        else:
+                            parent, _, name = elem.rpartition("/")
+                            group = f.require_group(parent) if parent else f
+                            write_csr(
+                                group, name, matrix, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE
+                            )
     finally:
         if shared:
-            adata.uns.pop(X_IS_COUNTS, None)
-            adata.layers[keys.COUNTS] = layer
+            target.uns.pop(X_IS_COUNTS, None)
+            target.layers[keys.COUNTS] = layer
     return Path(path)
 
 
-def read_h5ad_artifact(path: Path) -> AnnData:
-    """Read an artifact written by :func:`write_h5ad_atomic` (restoring ``layers["counts"]``)."""
+def read_h5ad_artifact(
+    path: Path, *, backed: bool = False, opened: list[Any] | None = None
+) -> AnnData:
+    """Read an artifact written by :func:`write_h5ad_atomic` (restoring ``layers["counts"]``).
+
+    Parameters
+    ----------
+    path
+        The h5ad file.
+    backed
+        Leave ``X`` and the layers on disk: they become on-disk CSR datasets
+        (row sources, read a block of rows at a time; external links are
+        followed); everything else (``obs``, ``var``, ``obsm``, ``obsp``,
+        ``uns``) is read into memory.
+    opened
+        With ``backed``: the open :class:`h5py.File` is appended here, for the
+        caller to close once the matrices are no longer needed.
+    """
     import anndata as ad
 
-    adata = ad.read_h5ad(path)
+    if not backed:
+        adata = ad.read_h5ad(path)
+    else:
+        import h5py
+
+        from .io.ondisk import open_csr
+
+        f = h5py.File(path, "r")
+        if opened is not None:
+            opened.append(f)
+
+        def matrix(elem: Any) -> Any:
+            if isinstance(elem, h5py.Group) and elem.attrs.get("encoding-type") == "csr_matrix":
+                return open_csr(elem)
+            return ad.io.read_elem(elem)
+
+        parts = {
+            k: ad.io.read_elem(f[k])
+            for k in ("obs", "var", "uns", "obsm", "varm", "obsp")
+            if k in f
+        }
+        layers = {k: matrix(f["layers"][k]) for k in f["layers"]} if "layers" in f else {}
+        adata = AnnData(X=matrix(f["X"]) if "X" in f else None, layers=layers, **parts)
     if adata.uns.pop(X_IS_COUNTS, False):
         adata.layers[keys.COUNTS] = adata.X
     return adata

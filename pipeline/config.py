@@ -623,6 +623,20 @@ class Config(_Section):
             "'kernels' forces the torch kernels (also on CPU); 'rapids' requires rapids-singlecell and a GPU."
         ),
     )
+    backed: bool = Field(
+        default=False,
+        description=(
+            "Cohorts larger than memory: cells x genes matrices stay on disk and every stage reads "
+            "them a block of cells at a time (merge, filtering, normalisation, HVG, PCA, scVI, "
+            "scores, pseudobulk). Uses immuneage's kernels (backend auto or kernels); later "
+            "artifacts link to the preprocess matrices instead of copying them."
+        ),
+    )
+    chunk_size: int = Field(
+        default=20_000,
+        ge=100,
+        description="Cells per block when matrices are streamed (backed: true); memory ~ one block.",
+    )
     design: DesignConfig = Field(default_factory=DesignConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
@@ -633,6 +647,16 @@ class Config(_Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     differential: DifferentialConfig = Field(default_factory=DifferentialConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _backed_backend(self) -> Config:
+        if self.backed and self.backend in ("scanpy", "rapids"):
+            raise ValueError(
+                f"backed: true streams matrices through immuneage's kernels, but backend is "
+                f"{self.backend!r} (its functions need the whole matrix in memory); set backend: "
+                "auto or kernels, or backed: false"
+            )
+        return self
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

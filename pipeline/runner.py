@@ -460,7 +460,7 @@ class Runner:
         run_info[f"{spec.name}_config"] = json.dumps(
             {name: dumped[name] for name in spec.sections}, sort_keys=True
         )
-        write_h5ad_atomic(artifact, adata)
+        write_h5ad_atomic(artifact, adata, link=not spec.standalone, chunk_size=self.cfg.chunk_size)
         written.append(artifact)
         for name, table in result.tables.items():
             tpath = self.outdir / "tables" / f"{name}.tsv"
@@ -597,12 +597,17 @@ class Runner:
             return "up to date", outputs
         merge = self._func(spec, spec.func)
 
+        opened: list[Any] = []
+
         def compute_merge() -> StageResult:
-            adatas = [read_h5ad_artifact(self._unit_artifact(spec, r.sample)) for r in sheet.rows]
+            adatas = [self._read(self._unit_artifact(spec, r.sample), opened) for r in sheet.rows]
             out = merge(adatas, self.cfg)
             return out if isinstance(out, StageResult) else StageResult(out)
 
-        outputs += self._execute(spec, expected, artifact, compute_merge, f"{spec.name} (merge)")
+        with self._closing(opened):
+            outputs += self._execute(
+                spec, expected, artifact, compute_merge, f"{spec.name} (merge)"
+            )
         return "ran", outputs
 
     def _config_file_inputs(self, spec: StageSpec) -> dict[str, str]:
@@ -632,16 +637,34 @@ class Runner:
             log.info("%s: up to date", spec.name)
             return "up to date", []
         func = self._func(spec, spec.func)
+        opened: list[Any] = []
 
         def compute() -> StageResult:
-            upstream = [read_h5ad_artifact(self._artifact(get_stage(n))) for n in spec.inputs]
+            upstream = [self._read(self._artifact(get_stage(n)), opened) for n in spec.inputs]
             kwargs: dict[str, Any] = {"device": self._device}
             if spec.context:
                 kwargs["context"] = StageContext(self.outdir, self._provenance(summary=None))
             out = func(*upstream, self.cfg, **kwargs)
             return out if isinstance(out, StageResult) else StageResult(out)
 
-        return "ran", self._execute(spec, expected, artifact, compute, spec.name)
+        with self._closing(opened):
+            return "ran", self._execute(spec, expected, artifact, compute, spec.name)
+
+    def _read(self, path: Path, opened: list[Any]) -> Any:
+        """An upstream artifact; with ``backed: true`` its matrices stay on disk."""
+        return read_h5ad_artifact(path, backed=self.cfg.backed, opened=opened)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _closing(opened: list[Any]) -> Iterator[None]:
+        """Close the h5ad files a stage read in backed mode once its outputs are written."""
+        try:
+            yield
+        finally:
+            for f in opened:
+                with contextlib.suppress(Exception):
+                    f.close()
+            opened.clear()
 
     # ------------------------------------------------------------------ provenance
     def _write_provenance(self, summary: RunSummary) -> None:

@@ -30,11 +30,18 @@ import torch
 
 from pipeline.errors import ImmuneageWarning
 from pipeline.kernels._device import as_device, to_numpy
-from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, as_csr, expand_rows, iter_row_chunks
+from pipeline.kernels.sparse import (
+    DEFAULT_CHUNK_SIZE,
+    as_csr,
+    expand_rows,
+    is_row_source,
+    iter_row_chunks,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from anndata.abc import CSRDataset
     from numpy.typing import NDArray
     from scipy import sparse
 
@@ -89,7 +96,7 @@ def _rank_genes(
 
 
 def hvg_seurat_v3(
-    counts: sparse.spmatrix | sparse.sparray,
+    counts: sparse.spmatrix | sparse.sparray | CSRDataset,
     *,
     n_top_genes: int,
     batch: NDArray | None = None,
@@ -103,7 +110,9 @@ def hvg_seurat_v3(
     Parameters
     ----------
     counts
-        Cells x genes raw counts, scipy sparse (never densified).
+        Cells x genes raw counts: a scipy sparse matrix or a row source
+        (:func:`~pipeline.kernels.sparse.is_row_source`, e.g. an on-disk h5ad matrix,
+        read in two passes of ``chunk_size`` rows). Never densified.
     n_top_genes
         Number of genes to select.
     batch
@@ -116,7 +125,7 @@ def hvg_seurat_v3(
     gene_names
         Index of the returned frame (default: ``0..n_genes-1``).
     chunk_size
-        Rows copied to the device at a time.
+        Rows copied to the device (and, for a row source, read) at a time.
 
     Returns
     -------
@@ -133,8 +142,9 @@ def hvg_seurat_v3(
         ``n_top_genes`` is not positive, or ``batch`` has the wrong length or missing
         labels.
     """
-    csr = as_csr(counts)
-    n_cells, n_genes = csr.shape
+    # A row source is read block by block in each pass; never loaded whole.
+    src = counts if is_row_source(counts) else as_csr(counts)
+    n_cells, n_genes = int(src.shape[0]), int(src.shape[1])
     if n_top_genes < 1:
         msg = f"n_top_genes must be a positive number of genes, got {n_top_genes}"
         raise ValueError(msg)
@@ -148,7 +158,7 @@ def hvg_seurat_v3(
     sum_x = torch.zeros(size, dtype=f64, device=dev)
     sum_x2 = torch.zeros(size, dtype=f64, device=dev)
     non_integer = False
-    for start, stop, block in iter_row_chunks(csr, device=dev, dtype=f64, chunk_size=chunk_size):
+    for start, stop, block in iter_row_chunks(src, device=dev, dtype=f64, chunk_size=chunk_size):
         values = block.values()
         slot = expand_rows(block, codes_d[start:stop] * n_genes) + block.col_indices()
         sum_x.index_add_(0, slot, values)
@@ -182,7 +192,7 @@ def hvg_seurat_v3(
     # Pass 2: sums of clipped values and their squares over the stored values.
     sum_c = torch.zeros(size, dtype=f64, device=dev)
     sum_c2 = torch.zeros(size, dtype=f64, device=dev)
-    for start, stop, block in iter_row_chunks(csr, device=dev, dtype=f64, chunk_size=chunk_size):
+    for start, stop, block in iter_row_chunks(src, device=dev, dtype=f64, chunk_size=chunk_size):
         slot = expand_rows(block, codes_d[start:stop] * n_genes) + block.col_indices()
         clipped = torch.minimum(block.values(), clip[slot])
         sum_c.index_add_(0, slot, clipped)

@@ -42,7 +42,7 @@ STAGES: tuple[StageSpec, ...] = (
         module="pipeline.stages.preprocess",
         func="run_preprocess",
         inputs=("ingest", "qc"),
-        sections=("seed", "backend", "preprocess"),
+        sections=("seed", "backend", "backed", "preprocess"),
         outputs=("preprocess/preprocess.h5ad", "tables/hvg.tsv"),
     ),
     StageSpec(
@@ -124,6 +124,7 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("report",),
         context=True,
         artifact="immuneage.h5ad",
+        standalone=True,
         outputs=("immuneage.h5ad", "report.html", "figures/"),
     ),
 )

@@ -51,6 +51,10 @@ class StageSpec:
     artifact
         Where the stage's AnnData goes, relative to the output directory
         (default ``<name>/<name>.h5ad``).
+    standalone
+        The artifact holds every matrix itself, even in ``backed`` mode, where
+        other artifacts link to the file the matrices were first written to
+        (the run's final AnnData, which users move and share).
     check
         Name of a function ``check(cfg, sheet)`` in ``module`` that
         :func:`pipeline.runner.validate_inputs` calls before anything runs, to
@@ -70,6 +74,7 @@ class StageSpec:
     context: bool = False
     artifact: str | None = None
     check: str | None = None
+    standalone: bool = False
 
     @property
     def per_sample(self) -> bool:

@@ -6,7 +6,8 @@ Marker scoring (the default, :func:`score_cell_types`)
     its positive markers present in the data minus the mean ``z`` of its
     negative markers. All types are scored with one sparse product,
     ``X[:, markers] @ (W / sd) - (mean / sd) @ W`` for a genes x types weight
-    matrix ``W``; no cells x genes matrix is densified.
+    matrix ``W``; no cells x genes matrix is densified. An on-disk ``X`` (backed
+    mode) is read once in blocks of rows, keeping only the marker columns.
 
 Per-cell label and confidence
     The label is the best-scoring type. The per-cell confidence is the softmax
@@ -67,6 +68,7 @@ import scipy.sparse as sp
 
 from .. import keys
 from ..errors import ImmuneageWarning, InputError
+from ..kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source, iter_row_blocks
 from ..markers import MarkerPanel, load_marker_panel
 from ._base import StageResult
 
@@ -187,15 +189,38 @@ def _column_stats(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(var)
 
 
-def score_cell_types(adata: AnnData, panel: MarkerPanel) -> MarkerScores:
+def _marker_columns(x: object, idx: np.ndarray, *, chunk_size: int) -> sp.csr_matrix:
+    """Columns ``idx`` of ``x`` for every cell, as CSR.
+
+    An in-memory ``x`` (sparse or dense) is indexed directly; a row source
+    (:func:`~pipeline.kernels.sparse.is_row_source`, an on-disk ``X``) is read in
+    blocks of ``chunk_size`` rows, each reduced to the ``idx`` columns, so only the
+    cells x markers slice is ever held in memory.
+    """
+    if not is_row_source(x):
+        sub = x[:, idx]
+        return sp.csr_matrix(sub) if not sp.issparse(sub) else sub.tocsr()
+    blocks = [block[:, idx] for _, _, block in iter_row_blocks(x, chunk_size=chunk_size)]
+    if not blocks:
+        return sp.csr_matrix((int(x.shape[0]), len(idx)), dtype=getattr(x, "dtype", np.float32))
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"))
+
+
+def score_cell_types(
+    adata: AnnData, panel: MarkerPanel, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> MarkerScores:
     """Score every annotatable type of ``panel`` in every cell (one sparse product).
 
     Parameters
     ----------
     adata
-        Cells with log-normalised expression in ``X`` (sparse or dense).
+        Cells with log-normalised expression in ``X`` (sparse or dense in memory,
+        or an on-disk row source in backed mode).
     panel
         The marker panel.
+    chunk_size
+        Rows per block when ``X`` is read from disk (only the marker columns of
+        each block are kept).
 
     Returns
     -------
@@ -230,8 +255,7 @@ def score_cell_types(adata: AnnData, panel: MarkerPanel) -> MarkerScores:
             used,
         )
     idx = adata.var_names.get_indexer(genes)
-    x = adata.X[:, idx]
-    x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
+    x = _marker_columns(adata.X, idx, chunk_size=chunk_size)
     mean, sd = _column_stats(x)
     inv = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0)
     w = np.zeros((len(genes), len(types)))
@@ -474,8 +498,16 @@ def _empty_labels(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- celltypist
-def _celltypist(adata: AnnData, cfg: AnnotateConfig) -> tuple[pd.DataFrame, np.ndarray, str]:
-    """Run a local CellTypist model; return (probabilities, cell-level labels, model name)."""
+def _celltypist(
+    adata: AnnData, cfg: AnnotateConfig, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Run a local CellTypist model; return (probabilities, cell-level labels, model name).
+
+    Without CellTypist's majority voting the prediction is cell-wise (each cell is
+    scaled by the model's own gene means and sds, then classified), so an on-disk
+    ``X`` (backed mode) is predicted in blocks of ``chunk_size`` rows and the
+    blocks' labels and probabilities are concatenated: the same result as one call.
+    """
     path = Path(str(cfg.celltypist_model))
     if not path.is_file():
         raise InputError(
@@ -497,15 +529,28 @@ def _celltypist(adata: AnnData, cfg: AnnotateConfig) -> tuple[pd.DataFrame, np.n
         ) from None
     import anndata as ad
 
-    tmp = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names.copy()), var=adata.var[[]])
+    if is_row_source(adata.X) and adata.n_obs > 0:
+        parts = (
+            (adata.obs_names[start:stop], block)
+            for start, stop, block in iter_row_blocks(adata.X, chunk_size=chunk_size)
+        )
+    else:
+        x_all = adata.X if not is_row_source(adata.X) else sp.csr_matrix(adata.X.shape)
+        parts = iter([(adata.obs_names, x_all)])
+    probs: list[pd.DataFrame] = []
+    labs: list[pd.Series] = []
     ct_log = logging.getLogger("celltypist.logger")
     level = ct_log.level
     ct_log.setLevel(logging.WARNING)  # its per-step progress lines
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            # per-cell prediction only: the vote is immuneage's, shared with the marker path
-            pred = celltypist.annotate(tmp, model=model, majority_voting=False)
+        for names, x in parts:
+            tmp = ad.AnnData(X=x, obs=pd.DataFrame(index=names.copy()), var=adata.var[[]])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                # per-cell prediction only: the vote is immuneage's, shared with the marker path
+                pred = celltypist.annotate(tmp, model=model, majority_voting=False)
+            probs.append(pred.probability_matrix.loc[names])
+            labs.append(pred.predicted_labels.loc[names, "predicted_labels"].astype(str))
     except ValueError as exc:
         raise InputError(
             f"CellTypist could not annotate with {path}: {exc} (CellTypist expects X = "
@@ -513,8 +558,8 @@ def _celltypist(adata: AnnData, cfg: AnnotateConfig) -> tuple[pd.DataFrame, np.n
         ) from None
     finally:
         ct_log.setLevel(level)
-    prob = pred.probability_matrix.loc[adata.obs_names].astype(np.float32)
-    labels = pred.predicted_labels.loc[adata.obs_names, "predicted_labels"].astype(str)
+    prob = (probs[0] if len(probs) == 1 else pd.concat(probs)).astype(np.float32)
+    labels = labs[0] if len(labs) == 1 else pd.concat(labs)
     return prob, labels.to_numpy(dtype=object), str(path.name)
 
 

@@ -190,6 +190,9 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
     ImmuneageWarning
         ``gene_policy: inner`` drops genes some samples lack.
     """
+    from ..io.ondisk import StackedRows  # imports torch: not for the per-sample tasks
+    from ..kernels.sparse import is_row_source
+
     if not adatas:
         raise ValueError("merge_samples needs at least one sample")
     policy = cfg.ingest.gene_policy
@@ -217,24 +220,38 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
         order = first_seen.index
         dropped = 0
 
-    parts = [
-        AnnData(
-            X=_counts(a), obs=pd.DataFrame(index=a.obs_names), var=pd.DataFrame(index=a.var_names)
-        )
-        for a in adatas
-    ]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
-        merged = anndata.concat(parts, join=policy)
-    if merged.obs_names.has_duplicates:
-        dup = merged.obs_names[merged.obs_names.duplicated()][:5].tolist()
-        raise ValueError(f"samples share cell names (e.g. {dup}); is a sample given twice?")
-    x = merged.X
-    if not merged.var_names.equals(order):
-        x = x[:, merged.var_names.get_indexer(order)]
-    x = sp.csr_matrix(x, dtype=np.float32)
-
     obs = pd.concat([a.obs for a in adatas], axis=0)
+    if obs.index.has_duplicates:
+        dup = obs.index[obs.index.duplicated()][:5].tolist()
+        raise ValueError(f"samples share cell names (e.g. {dup}); is a sample given twice?")
+    if any(is_row_source(a.layers.get(keys.COUNTS, a.X)) for a in adatas):
+        # backed mode: the samples stay on disk; the cohort matrix is a lazy stack
+        # of them in the cohort's gene order, written block by block by the runner
+        x = StackedRows(
+            [a.layers.get(keys.COUNTS, a.X) for a in adatas],
+            [order.get_indexer(a.var_names) for a in adatas],
+            len(order),
+            dtype=np.float32,
+        )
+    else:
+        parts = [
+            AnnData(
+                X=_counts(a),
+                obs=pd.DataFrame(index=a.obs_names),
+                var=pd.DataFrame(index=a.var_names),
+            )
+            for a in adatas
+        ]
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*names are not unique", category=UserWarning
+            )
+            merged = anndata.concat(parts, join=policy)
+        x = merged.X
+        if not merged.var_names.equals(order):
+            x = x[:, merged.var_names.get_indexer(order)]
+        x = sp.csr_matrix(x, dtype=np.float32)
+
     for column in obs.columns:
         values = obs[column]
         if column == keys.TIMEPOINT:
