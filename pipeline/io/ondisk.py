@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
+from anndata.abc import CSRDataset
 
 from ..kernels.sparse import DEFAULT_CHUNK_SIZE, iter_row_blocks, row_block
 
@@ -68,11 +69,24 @@ def source_location(x: Any) -> tuple[str, str] | None:
     return str(group.file.filename), str(group.name)
 
 
-class _RowSource:
-    """Common surface of the lazy matrices: ``shape``, ``dtype``, ``ndim``, ``x[a:b]``."""
+class _RowSource(CSRDataset):
+    """Common surface of the lazy matrices: ``shape``, ``dtype``, ``ndim``, ``x[a:b]``.
 
+    They implement anndata's :class:`anndata.abc.CSRDataset` interface, so an
+    AnnData can carry one in ``X`` or a layer (as it carries an on-disk matrix);
+    the runner writes them block by block (:func:`write_csr`).
+    """
+
+    backend = "hdf5"  # computed from h5ad matrices
     shape: tuple[int, int]
     dtype: np.dtype
+
+    def to_memory(self) -> sp.csr_matrix:
+        """The whole matrix in memory (for small data and tests only)."""
+        blocks = [b for _, _, b in iter_row_blocks(self, chunk_size=DEFAULT_CHUNK_SIZE)]
+        if not blocks:
+            return sp.csr_matrix(self.shape, dtype=self.dtype)
+        return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=self.dtype)
 
     @property
     def ndim(self) -> int:

@@ -5,14 +5,24 @@ numpy / scipy results out, with a keyword ``device`` (a :class:`torch.device` fr
 :func:`resolve_device`) saying where the arithmetic runs. The same code runs on CPU
 tensors and on CUDA tensors; no kernel densifies a cells x genes matrix.
 
-==========================  =====================================================
-:func:`qc_metrics`          per-cell / per-gene QC sums (``calculate_qc_metrics``)
-:func:`normalize_total`     library-size scaling (``normalize_total``)
-:func:`log1p`               ``log1p`` of stored values (``log1p``)
-:func:`normalize_log1p`     both, fused
-:func:`hvg_seurat_v3`       Seurat v3 HVG with batches (``highly_variable_genes``)
-:func:`pca_sparse`          implicitly centred randomized / LOBPCG PCA (``pca``)
-==========================  =====================================================
+Kernels marked *rows* also take a row source (:func:`~pipeline.kernels.sparse.is_row_source`:
+an on-disk h5ad matrix or a lazy transform of one, as stages receive in ``backed``
+mode), read ``chunk_size`` rows at a time and never held whole; the result equals the
+in-memory one. The others return a whole in-memory matrix and refuse a row source
+with a :class:`TypeError` (normalise per block with
+:func:`~pipeline.kernels.normalize.cell_totals` instead).
+
+==========================  ======  ===============================================
+:func:`qc_metrics`          rows    per-cell / per-gene QC sums (``calculate_qc_metrics``)
+:func:`normalize_total`             library-size scaling (``normalize_total``)
+:func:`log1p`                       ``log1p`` of stored values (``log1p``)
+:func:`normalize_log1p`             both, fused
+:func:`hvg_seurat_v3`       rows    Seurat v3 HVG with batches (``highly_variable_genes``)
+:func:`pca_sparse`          rows    implicitly centred randomized / LOBPCG PCA (``pca``)
+==========================  ======  ===============================================
+
+``normalize.cell_totals`` and ``scoring.gene_means`` / ``scoring.weighted_scores``
+(signature scores) also take row sources.
 """
 
 from __future__ import annotations

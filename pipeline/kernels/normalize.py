@@ -6,6 +6,12 @@ without ``exclude_highly_expressed``), ``log1p`` is ``scanpy.pp.log1p``, and
 input's sparsity structure (``indptr``/``indices`` are shared copies); values are
 computed on the device in ``dtype`` (float32 by default: within 1e-6 relative of
 scanpy's float32 results), per-cell totals in float64.
+
+:func:`cell_totals` also takes a row source (an on-disk matrix read in blocks of
+rows, :func:`~pipeline.kernels.sparse.is_row_source`). The other three return a whole
+in-memory CSR matrix and so take in-memory input only; for a row source, compute the
+totals with :func:`cell_totals` and scale / log-transform each block of
+:func:`~pipeline.kernels.sparse.iter_row_blocks`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pipeline.kernels._device import as_device, to_numpy
 from pipeline.kernels.sparse import (
     DEFAULT_CHUNK_SIZE,
     as_csr,
+    is_row_source,
     iter_row_chunks,
     log1p_values,
     row_sums,
@@ -29,26 +36,57 @@ from pipeline.kernels.sparse import (
 )
 
 if TYPE_CHECKING:
+    from anndata.abc import CSRDataset
     from numpy.typing import NDArray
 
 __all__ = ["cell_totals", "log1p", "normalize_log1p", "normalize_total"]
 
 
 def cell_totals(
-    x: sparse.spmatrix | sparse.sparray,
+    x: sparse.spmatrix | sparse.sparray | CSRDataset,
     *,
     device: torch.device | str,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> NDArray[np.float64]:
-    """Total counts of each cell (row sums), accumulated in float64 on ``device``."""
-    csr = as_csr(x)
+    """Total counts of each cell (row sums), accumulated in float64 on ``device``.
+
+    Parameters
+    ----------
+    x
+        Cells x genes counts: a scipy sparse matrix or a row source
+        (:func:`~pipeline.kernels.sparse.is_row_source`, e.g. an on-disk h5ad matrix,
+        read ``chunk_size`` rows at a time and never loaded whole).
+    device
+        Device the sums run on.
+    chunk_size
+        Rows copied to the device (and, for a row source, read) at a time.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` array of length ``n_cells``.
+    """
+    src = x if is_row_source(x) else as_csr(x)
     dev = as_device(device)
-    out = torch.empty(csr.shape[0], dtype=torch.float64, device=dev)
+    out = torch.empty(int(src.shape[0]), dtype=torch.float64, device=dev)
     for start, stop, block in iter_row_chunks(
-        csr, device=dev, dtype=torch.float64, chunk_size=chunk_size
+        src, device=dev, dtype=torch.float64, chunk_size=chunk_size
     ):
         out[start:stop] = row_sums(block)
     return to_numpy(out)
+
+
+def _in_memory_csr(x: object, func: str) -> sparse.csr_matrix:
+    """``as_csr(x)``, refusing a row source: ``func`` returns a whole in-memory matrix."""
+    if is_row_source(x):
+        msg = (
+            f"{func} returns a whole in-memory matrix and takes only in-memory scipy "
+            f"sparse input, got the row source {type(x).__name__}; compute "
+            "cell_totals(x) (which reads a row source in blocks) and transform each "
+            "block of iter_row_blocks(x) instead."
+        )
+        raise TypeError(msg)
+    return as_csr(x)
 
 
 def _scale_factors(totals: NDArray[np.float64], target_sum: float | None) -> NDArray:
@@ -110,7 +148,7 @@ def normalize_total(
     Parameters
     ----------
     x
-        Cells x genes counts, scipy sparse (never densified; not modified).
+        Cells x genes counts, in-memory scipy sparse (never densified; not modified).
     target_sum
         Total of every cell after scaling; ``None``: the median total over the cells
         with non-zero counts.
@@ -126,8 +164,13 @@ def normalize_total(
     scipy.sparse.csr_matrix
         ``x[i] * target_sum / total_i``; cells with zero counts stay zero (with an
         :class:`~pipeline.errors.ImmuneageWarning`).
+
+    Raises
+    ------
+    TypeError
+        ``x`` is dense, or a row source (use :func:`cell_totals` and scale each block).
     """
-    csr = as_csr(x)
+    csr = _in_memory_csr(x, "normalize_total")
     dev = as_device(device)
     factors = _scale_factors(cell_totals(csr, device=dev, chunk_size=chunk_size), target_sum)
     return _map_values(
@@ -147,7 +190,7 @@ def log1p(
     Parameters
     ----------
     x
-        Cells x genes, scipy sparse, non-negative (not modified).
+        Cells x genes, in-memory scipy sparse, non-negative (not modified).
     device
         Device the arithmetic runs on.
     dtype
@@ -159,9 +202,15 @@ def log1p(
     -------
     scipy.sparse.csr_matrix
         Same structure as ``x`` with ``log1p`` applied to the stored values.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is dense, or a row source (transform each block of
+        :func:`~pipeline.kernels.sparse.iter_row_blocks` instead).
     """
     return _map_values(
-        as_csr(x),
+        _in_memory_csr(x, "log1p"),
         factors=None,
         take_log=True,
         device=as_device(device),
@@ -183,7 +232,7 @@ def normalize_log1p(
     Parameters
     ----------
     x
-        Cells x genes counts, scipy sparse (not modified).
+        Cells x genes counts, in-memory scipy sparse (not modified).
     target_sum
         As in :func:`normalize_total`.
     device
@@ -197,8 +246,14 @@ def normalize_log1p(
     -------
     scipy.sparse.csr_matrix
         ``log1p(x[i] * target_sum / total_i)``, same structure as ``x``.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is dense, or a row source (use :func:`cell_totals` and transform each
+        block).
     """
-    csr = as_csr(x)
+    csr = _in_memory_csr(x, "normalize_log1p")
     dev = as_device(device)
     factors = _scale_factors(cell_totals(csr, device=dev, chunk_size=chunk_size), target_sum)
     return _map_values(

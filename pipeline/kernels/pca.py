@@ -5,6 +5,15 @@ The centred matrix ``A = X - 1 mu^T`` is never formed: products are computed as
 products on the device (``X^T`` is kept as its own CSR matrix, the fast path on both
 MKL and cuSPARSE). Dense temporaries are at most cells x (n_comps + n_oversamples).
 
+The matrix may also be a row source (an on-disk matrix,
+:func:`~pipeline.kernels.sparse.is_row_source`), which is never loaded whole: every
+product then streams it in blocks of ``chunk_size`` rows, ``X q`` as the
+concatenation of ``X[a:b] q`` and ``X^T y`` as the sum of ``X[a:b]^T y[a:b]`` (each
+block's transpose built as its own CSR matrix, per block, as ``X^T`` is for an
+in-memory matrix), so one product reads the matrix once and the device holds one block
+at a time. The results equal those of the
+in-memory matrix to floating-point rounding (same seed, same start vectors).
+
 ``method="randomized"`` is the randomised range finder with power (subspace)
 iterations of Halko, Martinsson & Tropp (2011, Alg. 4.4 + 5.1), seeded; after
 each iteration the Ritz values of the top ``n_comps`` are compared with the previous
@@ -29,6 +38,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from pipeline.kernels._device import as_device, to_numpy
 from pipeline.kernels.sparse import (
@@ -36,13 +46,15 @@ from pipeline.kernels.sparse import (
     as_csr,
     col_sums,
     csr_to_torch,
+    is_row_source,
+    iter_row_blocks,
     iter_row_chunks,
     spmm,
 )
 
 if TYPE_CHECKING:
+    from anndata.abc import CSRDataset
     from numpy.typing import NDArray
-    from scipy import sparse
 
 __all__ = ["PCAResult", "pca_sparse"]
 
@@ -64,24 +76,88 @@ class PCAResult(NamedTuple):
     variance_ratio: NDArray[np.float64]
 
 
+class _CanonicalRows:
+    """A row source whose blocks are canonical CSR (sorted indices, no duplicates).
+
+    The in-memory matrix is made canonical once (``as_csr(x, canonical=True)``); a
+    row source is made so block by block, as it is read: the sums of squares of the
+    gene moments need summed duplicates, and sparse @ dense products on CUDA need
+    sorted indices. Only ``x[start:stop]`` row slices are forwarded to the source.
+    """
+
+    def __init__(self, source: CSRDataset) -> None:
+        self.source = source
+        self.shape: tuple[int, int] = (int(source.shape[0]), int(source.shape[1]))
+
+    def __getitem__(self, rows: slice) -> sparse.csr_matrix:
+        return as_csr(self.source[rows], canonical=True)
+
+
 def _gene_moments(
-    csr: sparse.csr_matrix, *, device: torch.device, chunk_size: int
+    x: sparse.csr_matrix | _CanonicalRows, *, device: torch.device, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-gene mean and variance (ddof 0), float64 sums over blocks of rows."""
-    s1 = torch.zeros(csr.shape[1], dtype=torch.float64, device=device)
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
     for _, _, block in iter_row_chunks(
-        csr, device=device, dtype=torch.float64, chunk_size=chunk_size
+        x, device=device, dtype=torch.float64, chunk_size=chunk_size
     ):
         s1 += col_sums(block)
         s2.index_add_(0, block.col_indices(), block.values() ** 2)
-    n = csr.shape[0]
+    n = x.shape[0]
     mean = s1 / n
     return mean, s2 / n - mean**2
 
 
 class _CenteredOperator:
-    """``A = X - 1 mu^T`` (or ``X`` when not centring) as a pair of product functions."""
+    """``A = X - 1 mu^T`` (or ``X`` when not centring) as a pair of product functions.
+
+    Holds the per-gene moments and the centring; the uncentred products ``X @ q`` and
+    ``X^T @ y`` come from the subclass: :class:`_InMemoryOperator` (``X`` on the
+    device whole) or :class:`_StreamedOperator` (``X`` read in blocks of rows).
+    """
+
+    def __init__(
+        self,
+        x: sparse.csr_matrix | _CanonicalRows,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        center: bool,
+        chunk_size: int,
+    ) -> None:
+        self.shape: tuple[int, int] = (int(x.shape[0]), int(x.shape[1]))
+        self.dtype = dtype
+        self.device = device
+        self.mean64, self.var64 = _gene_moments(x, device=device, chunk_size=chunk_size)
+        self.center = center
+        self.mu = self.mean64.to(dtype) if center else None
+
+    def _product(self, q: torch.Tensor) -> torch.Tensor:
+        """``X @ q`` (uncentred), cells x k."""
+        raise NotImplementedError
+
+    def _rproduct(self, y: torch.Tensor) -> torch.Tensor:
+        """``X^T @ y`` (uncentred), genes x k."""
+        raise NotImplementedError
+
+    def matmat(self, q: torch.Tensor) -> torch.Tensor:
+        """``A @ q`` for ``q`` genes x k."""
+        out = self._product(q)
+        if self.mu is not None:
+            out -= (self.mu @ q)[None, :]
+        return out
+
+    def rmatmat(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T @ y`` for ``y`` cells x k."""
+        out = self._rproduct(y)
+        if self.mu is not None:
+            out -= self.mu[:, None] * y.sum(0)[None, :]
+        return out
+
+
+class _InMemoryOperator(_CenteredOperator):
+    """:class:`_CenteredOperator` of an in-memory CSR matrix, copied to the device whole."""
 
     def __init__(
         self,
@@ -92,32 +168,60 @@ class _CenteredOperator:
         center: bool,
         chunk_size: int,
     ) -> None:
-        self.shape = csr.shape
-        self.dtype = dtype
-        self.device = device
+        super().__init__(csr, device=device, dtype=dtype, center=center, chunk_size=chunk_size)
         self._csr = csr
         self.x = csr_to_torch(csr, device=device, dtype=dtype, compact_indices=True)
         self._xt: torch.Tensor | None = None
-        self.mean64, self.var64 = _gene_moments(csr, device=device, chunk_size=chunk_size)
-        self.center = center
-        self.mu = self.mean64.to(dtype) if center else None
 
-    def matmat(self, q: torch.Tensor) -> torch.Tensor:
-        """``A @ q`` for ``q`` genes x k."""
-        out = spmm(self.x, q)
-        if self.mu is not None:
-            out -= (self.mu @ q)[None, :]
-        return out
+    def _product(self, q: torch.Tensor) -> torch.Tensor:
+        return spmm(self.x, q)
 
-    def rmatmat(self, y: torch.Tensor) -> torch.Tensor:
-        """``A^T @ y`` for ``y`` cells x k (``X^T`` is built as CSR on first use)."""
+    def _rproduct(self, y: torch.Tensor) -> torch.Tensor:
+        # X^T is built as its own CSR matrix on first use.
         if self._xt is None:
             self._xt = csr_to_torch(
                 self._csr.T.tocsr(), device=self.device, dtype=self.dtype, compact_indices=True
             )
-        out = spmm(self._xt, y)
-        if self.mu is not None:
-            out -= self.mu[:, None] * y.sum(0)[None, :]
+        return spmm(self._xt, y)
+
+
+class _StreamedOperator(_CenteredOperator):
+    """:class:`_CenteredOperator` of a row source, read in blocks of rows for every product.
+
+    Nothing of ``X`` stays on the device between products: ``X @ q`` is computed block
+    by block into a cells x k result, ``X^T @ y`` as the sum over blocks of
+    ``X[a:b]^T @ y[a:b]`` into a genes x k result, each block's transpose built as its
+    own CSR matrix (the fast sparse @ dense path, as for the in-memory ``X^T``; scipy
+    builds it on the host, several times faster on the CPU than a torch CSC -> CSR
+    conversion, and it travels to the device in the same number of bytes).
+    """
+
+    def __init__(
+        self,
+        source: _CanonicalRows,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        center: bool,
+        chunk_size: int,
+    ) -> None:
+        super().__init__(source, device=device, dtype=dtype, center=center, chunk_size=chunk_size)
+        self._source = source
+        self._chunk_size = chunk_size
+
+    def _to_device(self, block: sparse.csr_matrix) -> torch.Tensor:
+        return csr_to_torch(block, device=self.device, dtype=self.dtype, compact_indices=True)
+
+    def _product(self, q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.shape[0], q.shape[1]), dtype=self.dtype, device=self.device)
+        for start, stop, block in iter_row_blocks(self._source, chunk_size=self._chunk_size):
+            out[start:stop] = spmm(self._to_device(block), q)
+        return out
+
+    def _rproduct(self, y: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((self.shape[1], y.shape[1]), dtype=self.dtype, device=self.device)
+        for start, stop, block in iter_row_blocks(self._source, chunk_size=self._chunk_size):
+            out += spmm(self._to_device(block.T.tocsr()), y[start:stop])
         return out
 
 
@@ -165,7 +269,7 @@ def _randomized(
 
 def _gram_lobpcg(
     op: _CenteredOperator,
-    csr: sparse.csr_matrix,
+    x: sparse.csr_matrix | _CanonicalRows,
     *,
     n_comps: int,
     generator: torch.Generator,
@@ -177,10 +281,10 @@ def _gram_lobpcg(
     gram = torch.zeros((p, p), dtype=f64, device=op.device)
     # X^T X block by block as a sparse @ sparse product (SpGEMM: ~sum of squared
     # row lengths of work, several times less than sparse @ dense(block)).
-    for start, stop, block in iter_row_chunks(
-        csr, device=op.device, dtype=f64, chunk_size=chunk_size
-    ):
-        block_t = csr_to_torch(csr[start:stop].T.tocsr(), device=op.device, dtype=f64)
+    # Each block is read once (host CSR) and copied to the device with its transpose.
+    for _, _, host in iter_row_blocks(x, chunk_size=chunk_size):
+        block = csr_to_torch(host, device=op.device, dtype=f64)
+        block_t = csr_to_torch(host.T.tocsr(), device=op.device, dtype=f64)
         gram += torch.sparse.mm(block_t, block).to_dense()
     if op.center:
         gram -= n * torch.outer(op.mean64, op.mean64)
@@ -202,7 +306,7 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 
 
 def pca_sparse(
-    x: sparse.spmatrix | sparse.sparray,
+    x: sparse.spmatrix | sparse.sparray | CSRDataset,
     *,
     n_comps: int,
     seed: int,
@@ -220,7 +324,11 @@ def pca_sparse(
     Parameters
     ----------
     x
-        Cells x genes, scipy sparse (typically log-normalised HVG subset).
+        Cells x genes (typically the log-normalised HVG subset): a scipy sparse
+        matrix, or a row source (:func:`~pipeline.kernels.sparse.is_row_source`, e.g.
+        an on-disk h5ad matrix or a lazy transform of one), never loaded whole: it is
+        read in blocks of ``chunk_size`` rows once per product (about twice per power
+        iteration), and the device holds one block plus cells x k dense matrices.
     n_comps
         Number of components; at most ``min(n_cells, n_genes) - 1``.
     seed
@@ -247,7 +355,8 @@ def pca_sparse(
     dtype
         Dtype of the sparse values and of the products (float32 default).
     chunk_size
-        Rows per block for the per-gene sums and the Gram matrix (lobpcg).
+        Rows per block for the per-gene sums and the Gram matrix (lobpcg); for a row
+        source also for every product (rows read and copied to the device at a time).
 
     Returns
     -------
@@ -263,8 +372,8 @@ def pca_sparse(
         ``n_comps`` out of range, an unknown ``method``, or ``"lobpcg"`` on more than
         16,384 genes.
     """
-    csr = as_csr(x, canonical=True)
-    n, p = csr.shape
+    src = _CanonicalRows(x) if is_row_source(x) else as_csr(x, canonical=True)
+    n, p = int(src.shape[0]), int(src.shape[1])
     if not 1 <= n_comps < min(n, p):
         msg = f"n_comps must be between 1 and min(n_cells, n_genes) - 1 = {min(n, p) - 1}, got {n_comps}"
         raise ValueError(msg)
@@ -279,7 +388,15 @@ def pca_sparse(
         raise ValueError(msg)
     dev = as_device(device)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    op = _CenteredOperator(csr, device=dev, dtype=dtype, center=zero_center, chunk_size=chunk_size)
+    op: _CenteredOperator
+    if isinstance(src, _CanonicalRows):
+        op = _StreamedOperator(
+            src, device=dev, dtype=dtype, center=zero_center, chunk_size=chunk_size
+        )
+    else:
+        op = _InMemoryOperator(
+            src, device=dev, dtype=dtype, center=zero_center, chunk_size=chunk_size
+        )
 
     if method == "randomized":
         s, vt = _randomized(
@@ -291,7 +408,7 @@ def pca_sparse(
             generator=generator,
         )
     else:
-        s, vt64 = _gram_lobpcg(op, csr, n_comps=n_comps, generator=generator, chunk_size=chunk_size)
+        s, vt64 = _gram_lobpcg(op, src, n_comps=n_comps, generator=generator, chunk_size=chunk_size)
         vt = vt64.to(dtype)
     vt = vt * _flip_signs(vt)[:, None]
     # The embedding is the exact projection A V (one more product), so it is

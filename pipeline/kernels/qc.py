@@ -4,7 +4,8 @@ One pass over blocks of rows: each block is copied to the device with ``float64`
 values (counts are exact there); per-cell totals (all genes and each gene mask) come
 from one sparse @ dense product with a genes x (1 + n_masks) 0/1 weight matrix,
 per-gene sums from ``index_add_``/``bincount``. Only per-cell and per-gene vectors
-come back to the host.
+come back to the host. The input may be a row source (an on-disk matrix,
+:func:`~pipeline.kernels.sparse.is_row_source`): it is then read one block at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.kernels.sparse import (
     as_csr,
     col_nnz,
     col_sums,
+    is_row_source,
     iter_row_chunks,
     row_nnz,
     row_sums,
@@ -28,6 +30,7 @@ from pipeline.kernels.sparse import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from anndata.abc import CSRDataset
     from numpy.typing import NDArray
     from scipy import sparse
 
@@ -48,7 +51,7 @@ class QCMetrics(NamedTuple):
 
 
 def qc_metrics(
-    x: sparse.spmatrix | sparse.sparray,
+    x: sparse.spmatrix | sparse.sparray | CSRDataset,
     *,
     gene_masks: Mapping[str, NDArray[np.bool_]],
     device: torch.device | str,
@@ -59,14 +62,16 @@ def qc_metrics(
     Parameters
     ----------
     x
-        Cells x genes counts, scipy sparse (CSR preferred; never densified).
+        Cells x genes counts: a scipy sparse matrix (CSR preferred) or a row source
+        (:func:`~pipeline.kernels.sparse.is_row_source`, e.g. an on-disk h5ad matrix,
+        read ``chunk_size`` rows at a time and never loaded whole). Never densified.
     gene_masks
         Gene sets to report the share of counts of, e.g. ``{"mt": ..., "ribo": ...,
         "hb": ...}``: name -> boolean array of length ``n_genes``.
     device
         Device the sums run on (from :func:`~pipeline.kernels.resolve_device`).
     chunk_size
-        Rows copied to the device at a time.
+        Rows copied to the device (and, for a row source, read) at a time.
 
     Returns
     -------
@@ -84,8 +89,8 @@ def qc_metrics(
     below 2**53; scanpy sums float32 data in float32, so the two agree to ~1e-7
     relative.
     """
-    csr = as_csr(x)
-    n_cells, n_genes = csr.shape
+    src = x if is_row_source(x) else as_csr(x)
+    n_cells, n_genes = int(src.shape[0]), int(src.shape[1])
     dev = as_device(device)
     names = list(gene_masks)
     masks = []
@@ -108,7 +113,7 @@ def qc_metrics(
     n_genes_by = torch.zeros(n_cells, dtype=torch.int64, device=dev)
     gene_total = torch.zeros(n_genes, dtype=f64, device=dev)
     n_cells_by = torch.zeros(n_genes, dtype=torch.int64, device=dev)
-    for start, stop, block in iter_row_chunks(csr, device=dev, dtype=f64, chunk_size=chunk_size):
+    for start, stop, block in iter_row_chunks(src, device=dev, dtype=f64, chunk_size=chunk_size):
         row_totals[start:stop] = row_sums(block, weights=weights)
         n_genes_by[start:stop] = row_nnz(block)
         gene_total += col_sums(block)

@@ -360,37 +360,66 @@ def key_findings(
 
 
 # --------------------------------------------------------------------------- helpers
+def _gene_columns(x: Any, idx: np.ndarray, *, chunk_size: int | None) -> Any:
+    """Columns ``idx`` of a row source (an on-disk ``X``), gathered block by block as CSR."""
+    import scipy.sparse as sp
+
+    from ..kernels.sparse import DEFAULT_CHUNK_SIZE, iter_row_blocks
+
+    step = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    blocks = [block[:, idx] for _, _, block in iter_row_blocks(x, chunk_size=step)]
+    if not blocks:
+        return sp.csr_matrix((int(x.shape[0]), len(idx)), dtype=getattr(x, "dtype", np.float32))
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"))
+
+
 def marker_expression(
-    adata: AnnData, markers: Mapping[str, Sequence[str]], *, groupby: str = keys.CELL_TYPE
+    adata: AnnData,
+    markers: Mapping[str, Sequence[str]],
+    *,
+    groupby: str = keys.CELL_TYPE,
+    chunk_size: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mean expression and fraction of expressing cells of marker genes per group.
 
     Parameters
     ----------
     adata
-        Cells with log-normalised ``X`` and ``obs[groupby]``.
+        Cells with log-normalised ``X`` and ``obs[groupby]``. ``X`` may be an
+        on-disk row source (backed mode): only the marker columns are gathered,
+        block by block, and each group's cells are densified one group at a time.
     markers
         Group -> its marker genes (genes absent from ``var_names`` are dropped).
     groupby
         obs column of the groups (rows, in the order of ``markers``).
+    chunk_size
+        Rows per block read from an on-disk ``X``; default
+        :data:`pipeline.kernels.sparse.DEFAULT_CHUNK_SIZE`.
 
     Returns
     -------
     ``(mean, fraction)``: groups x genes DataFrames (genes in first-seen order).
     """
+    from ..kernels.sparse import is_row_source
+
     present = set(map(str, adata.var_names))
     genes = list(dict.fromkeys(g for gs in markers.values() for g in gs if g in present))
     groups = [g for g in markers if (adata.obs[groupby].astype(str) == g).any()]
     if not genes or not groups:
         empty = pd.DataFrame(index=groups, columns=genes, dtype=float)
         return empty, empty.copy()
-    x = adata[:, genes].X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    if is_row_source(adata.X):
+        idx = adata.var_names.get_indexer(genes)
+        x = _gene_columns(adata.X, idx, chunk_size=chunk_size)
+    else:
+        x = adata[:, genes].X
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     labels = adata.obs[groupby].astype(str).to_numpy()
     mean = np.zeros((len(groups), len(genes)))
     frac = np.zeros_like(mean)
     for i, g in enumerate(groups):
         sub = x[labels == g]
+        sub = sub.toarray() if hasattr(sub, "toarray") else sub
         mean[i] = sub.mean(axis=0)
         frac[i] = (sub > 0).mean(axis=0)
     return (
@@ -536,7 +565,8 @@ def build_report(
         ``provenance.json`` as of before the report (versions, config, inputs,
         stages, warnings).
     cfg
-        Run configuration (reads ``report``, ``design``, ``seed``, ``annotate.markers``).
+        Run configuration (reads ``report``, ``design``, ``seed``, ``annotate.markers``,
+        ``chunk_size``).
     qc_obs
         Per-cell QC metrics of all cells before filtering (``qc/qc.h5ad`` obs);
         default: the QC columns of ``adata.obs`` (cells that passed QC).
@@ -1081,7 +1111,7 @@ def _marker_tables(
         hits = [m.match(present) for m in cands]
         markers[t] = [h for h in dict.fromkeys(hits) if h][:3]
     markers = {t: g for t, g in markers.items() if g}
-    return marker_expression(adata, markers)
+    return marker_expression(adata, markers, chunk_size=cfg.chunk_size)
 
 
 def _render(

@@ -574,7 +574,7 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
         when ``annotate.majority_voting``), ``obs["sample"]``, ``obs["donor"]``,
         ``obs["timepoint"]``.
     cfg
-        Run configuration (reads ``annotate``).
+        Run configuration (reads ``annotate``; ``chunk_size`` for an on-disk ``X``).
     device
         The run's device (scoring is one sparse product on the host).
 
@@ -618,7 +618,7 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
         "panel_sha256": _file_sha256(panel.path),
     }
     if a.celltypist_model is not None:
-        prob_df, cell_labels, model_name = _celltypist(adata, a)
+        prob_df, cell_labels, model_name = _celltypist(adata, a, chunk_size=cfg.chunk_size)
         types = list(prob_df.columns.astype(str))
         prob = prob_df.to_numpy(dtype=np.float64)
         col = {t: i for i, t in enumerate(types)}
@@ -639,7 +639,7 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
             ),
         }
     else:
-        res = score_cell_types(adata, panel)
+        res = score_cell_types(adata, panel, chunk_size=cfg.chunk_size)
         types = list(res.scores.columns)
         missing = sorted({g for m in res.coverage["missing"] if m for g in m.split(",")})
         if missing or res.not_annotatable:

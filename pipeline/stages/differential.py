@@ -46,6 +46,7 @@ from anndata import AnnData
 
 from .. import keys
 from ..errors import ImmuneageWarning, InputError
+from ..kernels.sparse import DEFAULT_CHUNK_SIZE
 from ..stats.composition import clr, group_log_ratio
 from ..stats.deseq import deseq2_contrasts
 from ..stats.enrichment import ulm
@@ -434,16 +435,21 @@ def signature_shift_tests(
 
 
 # --------------------------------------------------------------------------- (b) pseudobulk DE
-def pseudobulk(adata: AnnData, *, layer: str = keys.COUNTS) -> AnnData:
+def pseudobulk(
+    adata: AnnData, *, layer: str = keys.COUNTS, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> AnnData:
     """Raw counts summed per donor x timepoint x cell type (``unassigned`` left out).
 
     Parameters
     ----------
     adata
-        Cells with raw counts in ``layers[layer]`` (sparse) and obs ``sample``,
-        ``donor``, ``timepoint``, ``cell_type``.
+        Cells with raw counts in ``layers[layer]`` (sparse in memory, or an
+        on-disk row source in backed mode) and obs ``sample``, ``donor``,
+        ``timepoint``, ``cell_type``.
     layer
         Layer of raw counts.
+    chunk_size
+        Rows per block when the counts are read from disk.
 
     Returns
     -------
@@ -472,7 +478,7 @@ def pseudobulk(adata: AnnData, *, layer: str = keys.COUNTS) -> AnnData:
     if isinstance(obs[keys.TIMEPOINT].dtype, pd.CategoricalDtype):
         groups[keys.TIMEPOINT] = obs[keys.TIMEPOINT]
     counts = adata.layers[layer]
-    sums, table = pseudobulk_sum(counts, groups)
+    sums, table = pseudobulk_sum(counts, groups, chunk_size=chunk_size)
     s2s = _sample_table(obs).set_index([keys.DONOR, keys.TIMEPOINT])[keys.SAMPLE]
     table[keys.SAMPLE] = [
         s2s.get((str(d), str(t)), "")
@@ -1027,7 +1033,8 @@ def run_differential(
         ``cell_type`` and ``score_<set>`` columns; ``uns["immuneage"]["signatures"]``
         (set -> genes); ``layers["counts"]`` raw counts.
     cfg
-        Run configuration (reads ``design`` and ``differential``).
+        Run configuration (reads ``design`` and ``differential``; ``chunk_size`` for
+        counts read from disk).
     device
         The run's device (the work here is host-side statistics).
 
@@ -1116,7 +1123,7 @@ def run_differential(
     )
     dropped += d_shift
 
-    pb = pseudobulk(adata)
+    pb = pseudobulk(adata, chunk_size=cfg.chunk_size)
     de_tables: dict[str, pd.DataFrame] = {}
     de_summary = pd.DataFrame(columns=list(SUMMARY_COLUMNS))
     if dcfg.deseq:

@@ -182,9 +182,24 @@ def _quiet_training() -> Iterator[None]:
                 log.info("integrate: scvi-tools: %s", line.strip())
 
 
-def _scvi_input(adata: ad.AnnData, cfg: IntegrateConfig) -> ad.AnnData:
-    """The HVG counts and the obs columns scVI reads, as a new (lean) AnnData."""
+def _scvi_input(
+    adata: ad.AnnData,
+    cfg: IntegrateConfig,
+    stack: contextlib.ExitStack | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> ad.AnnData:
+    """The HVG counts and the obs columns scVI reads, as a new (lean) AnnData.
+
+    With on-disk counts (``backed`` mode) the HVG counts are written once, a
+    block of cells at a time, to a scratch h5ad under ``$TMPDIR`` (node-local
+    disk on most clusters), and the lean AnnData reads them from there: scvi-tools'
+    data loader then fetches each minibatch's rows from disk, so training holds
+    no cells x genes matrix. ``stack`` owns the scratch file (deleted when it closes).
+    """
     import scipy.sparse as sp
+
+    from ..kernels.sparse import is_row_source
 
     hv = adata.var["highly_variable"].to_numpy(bool)
     cols = list(
@@ -200,12 +215,42 @@ def _scvi_input(adata: ad.AnnData, cfg: IntegrateConfig) -> ad.AnnData:
                 values = values.cat.remove_unused_categories()
             obs[col] = values.astype(str).astype("category")
     counts = adata.layers[keys.COUNTS]
-    counts = counts[:, np.flatnonzero(hv)] if sp.issparse(counts) else np.asarray(counts)[:, hv]
-    if sp.issparse(counts):
-        counts = sp.csr_matrix(counts)
+    if is_row_source(counts):
+        counts = _scratch_hvg_counts(counts, np.flatnonzero(hv), stack, chunk_size)
+    elif sp.issparse(counts):
+        counts = sp.csr_matrix(counts[:, np.flatnonzero(hv)])
+    else:
+        counts = np.asarray(counts)[:, hv]
     lean = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names[hv].copy()))
     lean.layers[keys.COUNTS] = counts
     return lean
+
+
+def _scratch_hvg_counts(
+    counts: Any, hv: np.ndarray, stack: contextlib.ExitStack | None, chunk_size: int | None
+) -> Any:
+    """Write the HVG columns of on-disk counts to a scratch h5ad; return them opened in place."""
+    import tempfile
+
+    import h5py
+
+    from ..io.ondisk import SubsetRows, open_csr, write_csr
+    from ..kernels.sparse import DEFAULT_CHUNK_SIZE
+
+    if stack is None:
+        raise ValueError("on-disk counts need an ExitStack to own the scratch file")
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="immuneage-scvi-"))
+    path = f"{tmp}/hvg_counts.h5"
+    with h5py.File(path, "w") as f:
+        write_csr(
+            f,
+            "counts",
+            SubsetRows(counts, cols=hv, dtype=np.float32),
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        )
+    f = stack.enter_context(h5py.File(path, "r"))
+    log.info("integrate: scVI reads its minibatches from %s (backed mode)", path)
+    return open_csr(f["counts"])
 
 
 def _history_table(history: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -347,14 +392,24 @@ def run_integrate(
     InputError
         See :func:`check_integrate_inputs`.
     """
+
+    ic = cfg.integrate
+    check_integrate_inputs(adata, ic)
+    with contextlib.ExitStack() as stack:
+        lean = _scvi_input(adata, ic, stack, chunk_size=cfg.chunk_size)
+        return _integrate(adata, lean, cfg, device)
+
+
+def _integrate(
+    adata: ad.AnnData, lean: ad.AnnData, cfg: Config, device: torch.device | str
+) -> StageResult:
+    """Train scVI on ``lean`` (the HVG counts) and build the stage's result."""
     import scvi
 
     from ..stats.integration import integration_metrics
 
     ic = cfg.integrate
-    check_integrate_inputs(adata, ic)
     accelerator = scvi_accelerator(device)[0]
-    lean = _scvi_input(adata, ic)
     max_epochs = ic.max_epochs if ic.max_epochs is not None else max_epochs_heuristic(lean.n_obs)
     log.info(
         "integrate: scVI on %d cells x %d HVGs, batch %r (%d levels), %s, up to %d epochs",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .. import keys
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["filter_cells_genes", "highly_variable", "normalize", "pca", "run_preprocess"]
 
 
-def filter_cells_genes(adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig) -> ad.AnnData:
-    """Attach QC columns, keep cells that passed QC and genes seen in enough cells."""
+def _qc_cells(adata: ad.AnnData, qc: ad.AnnData) -> tuple[pd.DataFrame, np.ndarray]:
+    """The QC obs of ``adata``'s cells and the mask of those that passed."""
     missing = adata.obs_names.difference(qc.obs_names)
     if len(missing):
         raise InputError(
@@ -56,14 +57,18 @@ def filter_cells_genes(adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig)
     cells = qobs["qc_pass"].to_numpy(bool)
     if not cells.any():
         raise InputError("no cell passed QC in any sample; see tables/qc_per_sample.tsv")
-    # slice the counts once (rows, then genes); X and layers["counts"] share that one copy
-    counts = sp.csr_matrix(adata.layers[keys.COUNTS])[np.flatnonzero(cells)]
-    counts.eliminate_zeros()
-    n_cells = np.bincount(counts.indices, minlength=counts.shape[1])
-    genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
-    if len(genes) < counts.shape[1]:
-        counts = counts[:, genes]
-    counts = sp.csr_matrix(counts, dtype=np.float32)
+    return qobs, cells
+
+
+def _filtered(
+    adata: ad.AnnData,
+    qobs: pd.DataFrame,
+    cells: np.ndarray,
+    genes: np.ndarray,
+    n_cells: np.ndarray,
+    counts: Any,
+) -> ad.AnnData:
+    """The filtered AnnData: QC columns in ``obs``, ``X`` and ``layers["counts"]`` = ``counts``."""
     obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
     for col in QC_COLUMNS:
         obs[col] = qobs[col].to_numpy()[cells]
@@ -77,9 +82,85 @@ def filter_cells_genes(adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig)
     return out
 
 
-def normalize(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: Any) -> None:
-    """Set ``X`` to log1p of the library-size-normalised counts (in place)."""
+def _drop_zeros(block: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    block.eliminate_zeros()
+    return block
+
+
+def filter_cells_genes(
+    adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig, *, chunk_size: int | None = None
+) -> ad.AnnData:
+    """Attach QC columns, keep cells that passed QC and genes seen in enough cells.
+
+    With on-disk counts (a row source, ``backed`` mode) the result's counts are a
+    lazy view of the kept cells and genes (:class:`pipeline.io.ondisk.SubsetRows`),
+    and the per-gene cell counts come from one pass of ``chunk_size`` cells at a time.
+    """
+    from ..kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source
+
+    qobs, cells = _qc_cells(adata, qc)
+    source = adata.layers[keys.COUNTS]
+    if is_row_source(source):
+        from ..io.ondisk import MappedRows, SubsetRows
+        from ..kernels.sparse import iter_row_blocks
+
+        kept = SubsetRows(source, np.flatnonzero(cells), dtype=np.float32)
+        n_cells = np.zeros(kept.shape[1], dtype=np.int64)
+        for _, _, block in iter_row_blocks(kept, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE):
+            n_cells += np.bincount(block.indices[block.data != 0], minlength=kept.shape[1])
+        genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
+        counts = SubsetRows(
+            source,
+            np.flatnonzero(cells),
+            genes if len(genes) < kept.shape[1] else None,
+            dtype=np.float32,
+        )
+        counts = MappedRows(counts, _drop_zeros, dtype=np.float32)
+        return _filtered(adata, qobs, cells, genes, n_cells, counts)
+    # slice the counts once (rows, then genes); X and layers["counts"] share that one copy
+    counts = sp.csr_matrix(source)[np.flatnonzero(cells)]
+    counts.eliminate_zeros()
+    n_cells = np.bincount(counts.indices, minlength=counts.shape[1])
+    genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
+    if len(genes) < counts.shape[1]:
+        counts = counts[:, genes]
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    return _filtered(adata, qobs, cells, genes, n_cells, counts)
+
+
+def normalize(
+    adata: ad.AnnData,
+    cfg: PreprocessConfig,
+    backend: str,
+    device: Any,
+    *,
+    chunk_size: int | None = None,
+) -> None:
+    """Set ``X`` to log1p of the library-size-normalised counts (in place).
+
+    With on-disk counts (``backed`` mode) ``X`` becomes a lazy matrix computed a
+    block of cells at a time when it is read (by HVG/PCA here, then by the
+    runner writing the artifact): ``log1p(counts * target_sum / total)``, each
+    cell on its own, so blocks give the same values as the whole matrix.
+    """
+    from ..kernels.sparse import is_row_source
+
     counts = adata.layers[keys.COUNTS]
+    if is_row_source(counts):
+        from ..io.ondisk import MappedRows
+        from ..kernels import normalize_log1p
+        from ..kernels.normalize import cell_totals
+
+        target = cfg.target_sum
+        if target is None:  # the median total, over all cells, fixed before the blocks
+            totals = cell_totals(counts, device=device, chunk_size=chunk_size)
+            target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+
+        def lognorm(block: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+            return normalize_log1p(block, target_sum=target, device=device)
+
+        adata.X = MappedRows(counts, lognorm, dtype=np.float32)
+        return
     if backend == "kernels":
         from ..kernels import normalize_log1p
 
@@ -102,7 +183,14 @@ def normalize(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: An
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
 
 
-def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, device: Any) -> None:
+def highly_variable(
+    adata: ad.AnnData,
+    cfg: PreprocessConfig,
+    backend: str,
+    device: Any,
+    *,
+    chunk_size: int | None = None,
+) -> None:
     """Seurat v3 HVGs on the counts, batch-aware; writes scanpy's ``var`` columns in place."""
     n_top = min(cfg.n_top_genes, adata.n_vars)
     batch_key = cfg.hvg_batch_key
@@ -114,7 +202,7 @@ def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, devi
     spans = [cfg.hvg_span] + [x for x in (0.5, 0.7, 0.9) if x > cfg.hvg_span]
     for i, span in enumerate(spans):
         try:
-            _hvg_once(adata, n_top, batch_key, span, backend, device)
+            _hvg_once(adata, n_top, batch_key, span, backend, device, chunk_size)
         except ValueError as exc:  # skmisc's LOESS: "near singularities" on tiny batches
             if i == len(spans) - 1 or "singular" not in str(exc):
                 raise
@@ -145,7 +233,13 @@ def highly_variable(adata: ad.AnnData, cfg: PreprocessConfig, backend: str, devi
 
 
 def _hvg_once(
-    adata: ad.AnnData, n_top: int, batch_key: str | None, span: float, backend: str, device: Any
+    adata: ad.AnnData,
+    n_top: int,
+    batch_key: str | None,
+    span: float,
+    backend: str,
+    device: Any,
+    chunk_size: int | None = None,
 ) -> None:
     if backend == "kernels":
         from ..kernels import hvg_seurat_v3
@@ -158,6 +252,7 @@ def _hvg_once(
             span=span,
             device=device,
             gene_names=adata.var_names,
+            **({"chunk_size": chunk_size} if chunk_size else {}),
         )
         for col in df.columns:
             adata.var[col] = df[col].to_numpy()
@@ -176,7 +271,15 @@ def _hvg_once(
         adata.uns.pop("hvg", None)
 
 
-def pca(adata: ad.AnnData, cfg: PreprocessConfig, seed: int, backend: str, device: Any) -> None:
+def pca(
+    adata: ad.AnnData,
+    cfg: PreprocessConfig,
+    seed: int,
+    backend: str,
+    device: Any,
+    *,
+    chunk_size: int | None = None,
+) -> None:
     """PCA of the HVG columns of ``X``; writes ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]``."""
     hv = adata.var["highly_variable"].to_numpy(bool)
     n_comps = min(cfg.n_comps, int(hv.sum()) - 1, adata.n_obs - 1)
@@ -185,16 +288,22 @@ def pca(adata: ad.AnnData, cfg: PreprocessConfig, seed: int, backend: str, devic
             f"PCA needs at least 3 highly variable genes and cells; have {int(hv.sum())} genes "
             f"and {adata.n_obs} cells"
         )
-    x = sp.csr_matrix(adata.X)[:, hv]
-    if backend == "kernels":
+    from ..kernels.sparse import is_row_source
+
+    if is_row_source(adata.X):
+        emb, comps, var, ratio = _pca_row_source(
+            adata.X, np.flatnonzero(hv), n_comps, seed, device, chunk_size
+        )
+    elif backend == "kernels":
         from ..kernels import pca_sparse
 
+        x = sp.csr_matrix(adata.X)[:, hv]
         res = pca_sparse(x, n_comps=n_comps, seed=seed, device=device)
         emb, comps, var, ratio = res
     else:
         import scanpy as sc
 
-        tmp = ad.AnnData(x)
+        tmp = ad.AnnData(sp.csr_matrix(adata.X)[:, hv])
         if backend == "rapids":  # pragma: no cover - needs a GPU and rapids-singlecell
             rsc = rapids()
             rsc.get.anndata_to_GPU(tmp)
@@ -221,6 +330,36 @@ def pca(adata: ad.AnnData, cfg: PreprocessConfig, seed: int, backend: str, devic
         "variance_ratio": np.asarray(ratio, dtype=np.float64),
         "params": {"zero_center": True, "n_comps": n_comps, "mask_var": "highly_variable"},
     }
+
+
+def _pca_row_source(
+    x: Any, hv: np.ndarray, n_comps: int, seed: int, device: Any, chunk_size: int | None
+) -> tuple[Any, Any, Any, Any]:
+    """PCA of the HVG columns of an on-disk ``X``, read block by block.
+
+    The HVG slice is first written once to a scratch h5ad under ``$TMPDIR``
+    (node-local disk on most clusters): the power iterations read it about
+    forty times, and it is a fraction of the whole matrix.
+    """
+    import tempfile
+
+    import h5py
+
+    from ..io.ondisk import SubsetRows, open_csr, write_csr
+    from ..kernels import pca_sparse
+    from ..kernels.sparse import DEFAULT_CHUNK_SIZE
+
+    chunk = chunk_size or DEFAULT_CHUNK_SIZE
+    with tempfile.TemporaryDirectory(prefix="immuneage-pca-") as tmp:
+        path = f"{tmp}/hvg_lognorm.h5"
+        with h5py.File(path, "w") as f:
+            write_csr(f, "X", SubsetRows(x, cols=hv, dtype=np.float32), chunk_size=chunk)
+        with h5py.File(path, "r") as f:
+            return tuple(
+                pca_sparse(
+                    open_csr(f["X"]), n_comps=n_comps, seed=seed, device=device, chunk_size=chunk
+                )
+            )
 
 
 def run_preprocess(
@@ -250,16 +389,23 @@ def run_preprocess(
     ``uns["immuneage"]["preprocess"]`` (backend, cell and gene counts).
     """
     p = cfg.preprocess
-    backend = choose_backend(cfg.backend, device)
-    log.info("preprocess: backend %s on %s", backend, getattr(device, "type", device))
+    backend = "kernels" if cfg.backed else choose_backend(cfg.backend, device)
+    chunk = cfg.chunk_size if cfg.backed else None
+    log.info(
+        "preprocess: backend %s on %s%s",
+        backend,
+        getattr(device, "type", device),
+        f", matrices on disk ({chunk} cells a block)" if cfg.backed else "",
+    )
     n_cells_in, n_genes_in = adata.n_obs, adata.n_vars
-    out = filter_cells_genes(adata, qc, p)
-    normalize(out, p, backend, device)
-    highly_variable(out, p, backend, device)
-    pca(out, p, cfg.seed, backend, device)
+    out = filter_cells_genes(adata, qc, p, chunk_size=chunk)
+    normalize(out, p, backend, device, chunk_size=chunk)
+    highly_variable(out, p, backend, device, chunk_size=chunk)
+    pca(out, p, cfg.seed, backend, device, chunk_size=chunk)
     info = out.uns.setdefault(keys.UNS, {})
     info["preprocess"] = {
         "backend": backend,
+        "backed": bool(cfg.backed),
         "device": str(getattr(device, "type", device)),
         "n_cells_in": n_cells_in,
         "n_cells_out": out.n_obs,

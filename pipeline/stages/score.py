@@ -22,11 +22,13 @@ Gene sets
     (scanpy's ``gene_pool``), so a programme that shifts cannot move another
     set's controls and fake a shift of that set. Stacking one weight column per set turns every score
     into one ``X @ W`` product (:func:`pipeline.kernels.scoring.weighted_scores`),
-    streamed in row blocks on the run device; ``X`` is never densified.
+    streamed in row blocks on the run device; ``X`` is never densified. An on-disk
+    ``X`` (backed mode) is read in row blocks by the same two kernels.
 
 ``aucell`` / ``ulm``
     decoupler's AUCell or univariate linear model over the same resolved sets
-    (cross-checks; CPU).
+    (cross-checks; CPU). They need ``X`` in memory: with an on-disk ``X``
+    (backed mode) they are an :class:`~pipeline.errors.InputError`.
 
 Outputs: ``obs["score_<set>"]``, ``obsm["signature_scores"]`` (a DataFrame with
 one column per set), ``uns["immuneage"]["signatures"]`` (set -> genes used),
@@ -48,6 +50,7 @@ from pipeline import keys
 from pipeline.errors import ImmuneageWarning, InputError
 from pipeline.genesets import ResolvedSet, resolve_sets, sets_from_config
 from pipeline.kernels.scoring import gene_means, weighted_scores
+from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source
 from pipeline.stages._base import StageResult
 
 if TYPE_CHECKING:
@@ -135,7 +138,7 @@ def control_genes(
 
 
 def score_matrix(
-    x: sparse.spmatrix | sparse.sparray,
+    x: sparse.spmatrix | sparse.sparray | Any,
     var_names: pd.Index,
     sets: dict[str, list[str]],
     *,
@@ -144,13 +147,16 @@ def score_matrix(
     seed: int = 0,
     exclude_from_controls: set[str] | frozenset[str] = frozenset(),
     device: torch.device | str = "cpu",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """``score_genes`` scores of many sets at once.
 
     Parameters
     ----------
     x
-        Cells x genes log-normalised expression (sparse).
+        Cells x genes log-normalised expression: sparse in memory, or a row source
+        (:func:`~pipeline.kernels.sparse.is_row_source`, an on-disk ``X`` in backed
+        mode) that the kernels read in blocks of rows.
     var_names
         Gene names of ``x``'s columns.
     sets
@@ -163,6 +169,9 @@ def score_matrix(
         genes; bins are cut within that pool, as scanpy cuts them.
     device
         Where the gene means and the product run.
+    chunk_size
+        Passed to :func:`~pipeline.kernels.scoring.gene_means` and
+        :func:`~pipeline.kernels.scoring.weighted_scores` (rows per block of the product).
 
     Returns
     -------
@@ -177,7 +186,7 @@ def score_matrix(
         A set with no control genes (fewer genes in the data than bins need).
     """
     var_names = pd.Index(var_names)
-    means = pd.Series(gene_means(x, device=device), index=var_names)
+    means = pd.Series(gene_means(x, device=device, chunk_size=chunk_size), index=var_names)
     col = pd.Series(np.arange(len(var_names)), index=var_names)
     weights = np.zeros((len(var_names), len(sets)), dtype=np.float64)
     controls: dict[str, list[str]] = {}
@@ -196,7 +205,7 @@ def score_matrix(
         controls[name] = ctrl
         weights[col[list(genes)].to_numpy(), j] += 1.0 / len(genes)
         weights[col[ctrl].to_numpy(), j] -= 1.0 / len(ctrl)
-    scores = weighted_scores(x, weights, device=device)
+    scores = weighted_scores(x, weights, device=device, chunk_size=chunk_size)
     return pd.DataFrame(scores, columns=list(sets)), controls
 
 
@@ -227,6 +236,13 @@ def coverage_table(resolved: dict[str, ResolvedSet], min_genes: int) -> pd.DataF
 def _decoupler_scores(
     adata: AnnData, sets: dict[str, list[str]], method: str, min_genes: int
 ) -> pd.DataFrame:
+    if is_row_source(adata.X):
+        raise InputError(
+            f"score.method: {method} needs the whole expression matrix in memory (decoupler "
+            "drops the genes that are zero in every cell before scoring, so it cannot run on "
+            "blocks of cells), but X is read from disk in backed mode; use score.method: "
+            "score_genes in backed mode, or run without backed mode"
+        )
     import decoupler as dc
     from anndata import AnnData
 
@@ -294,9 +310,10 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
     Parameters
     ----------
     adata
-        The annotated AnnData (log-normalised ``X``, all genes).
+        The annotated AnnData (log-normalised ``X``, all genes; in memory, or an
+        on-disk row source in backed mode, read in blocks of ``chunk_size`` cells).
     cfg
-        Run configuration (``score`` section; ``seed``).
+        Run configuration (``score`` section; ``seed``; ``chunk_size``).
     device
         Run device; the ``score_genes`` product runs there.
 
@@ -308,8 +325,8 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
     Raises
     ------
     InputError
-        Unknown built-in set, unreadable GMT, or a set too small with
-        ``on_small_set: error``.
+        Unknown built-in set, unreadable GMT, a set too small with
+        ``on_small_set: error``, or ``aucell`` / ``ulm`` on an on-disk ``X``.
     """
     scfg = cfg.score
     check_config(cfg)
@@ -322,8 +339,11 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
             log.info("score: %s matched through aliases: %s", name, r.aliases_used)
 
     controls: dict[str, list[str]] = {}
-    x = adata.X if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
     if scfg.method == "score_genes":
+        x = adata.X
+        backed = is_row_source(x)
+        if not (backed or sparse.issparse(x)):
+            x = sparse.csr_matrix(x)  # dense in memory; a row source is never loaded whole
         scores, controls = score_matrix(
             x,
             adata.var_names,
@@ -337,6 +357,7 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
                 else frozenset()
             ),
             device=device,
+            chunk_size=cfg.chunk_size if backed else DEFAULT_CHUNK_SIZE,
         )
     else:
         scores = _decoupler_scores(adata, sets, scfg.method, scfg.min_genes)

@@ -5,14 +5,21 @@ matrix ``G`` (``G[g, c] = 1`` when cell ``c`` is in group ``g``): its cost is
 proportional to the stored entries of ``X`` and the cells x genes matrix is
 never densified. The product runs in scipy on the host: it is memory-bound,
 one pass over the data, and the counts live in host memory (the h5ad
-artifact), so a GPU transfer would cost more than the product.
+artifact), so a GPU transfer would cost more than the product. Counts read
+from disk (a row source, backed mode) are summed block by block,
+``sum_b G[:, b] @ X[b]`` over blocks ``b`` of rows, so only one block of cells
+is in memory at a time.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from ..kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source, iter_row_blocks
 
 __all__ = ["filter_genes", "group_indicator", "pseudobulk_sum"]
 
@@ -25,19 +32,39 @@ def group_indicator(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
     return sp.csr_matrix((data, (codes[cells], cells)), shape=(n_groups, codes.size))
 
 
+def _indicator_product(ind: sp.csr_matrix, counts: Any, *, chunk_size: int) -> sp.csr_matrix:
+    """``ind @ counts`` in ``float64``; a row source is read in blocks of ``chunk_size`` rows."""
+    if not is_row_source(counts):
+        x = counts if sp.issparse(counts) else sp.csr_matrix(counts)
+        return sp.csr_matrix(ind @ x.astype(np.float64, copy=False))
+    ind_cols = ind.tocsc()  # cheap column (cell) slices
+    total = sp.csr_matrix((ind.shape[0], int(counts.shape[1])), dtype=np.float64)
+    for start, stop, block in iter_row_blocks(counts, chunk_size=chunk_size):
+        total = total + sp.csr_matrix(
+            ind_cols[:, start:stop] @ block.astype(np.float64, copy=False)
+        )
+    return sp.csr_matrix(total)
+
+
 def pseudobulk_sum(
-    counts: sp.spmatrix | np.ndarray,
+    counts: sp.spmatrix | np.ndarray | Any,
     groups: pd.DataFrame,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Sum ``counts`` over the cells of each distinct row of ``groups``.
 
     Parameters
     ----------
     counts
-        Cells x genes raw counts (sparse CSR/CSC or dense).
+        Cells x genes raw counts (sparse CSR/CSC or dense), or a row source
+        (:func:`~pipeline.kernels.sparse.is_row_source`: counts on disk, read in
+        blocks of rows).
     groups
         One row per cell; the grouping columns (e.g. ``donor``, ``timepoint``,
         ``cell_type``). A cell with a missing value in any column is left out.
+    chunk_size
+        Rows per block read from a row source.
 
     Returns
     -------
@@ -64,8 +91,7 @@ def pseudobulk_sum(
     codes = np.full(groups.shape[0], -1, dtype=np.int64)
     codes[valid] = keys_idx.get_indexer(cell_keys)
     ind = group_indicator(codes, len(keys))
-    x = counts if sp.issparse(counts) else sp.csr_matrix(counts)
-    sums = sp.csr_matrix(ind @ x.astype(np.float64, copy=False))
+    sums = _indicator_product(ind, counts, chunk_size=chunk_size)
     sums.sort_indices()
     table = keys.copy()
     for c in cols:
