@@ -213,13 +213,17 @@ def read_h5ad_artifact(
             opened.append(f)
 
         def matrix(elem: Any) -> Any:
-            if isinstance(elem, h5py.Group) and elem.attrs.get("encoding-type") == "csr_matrix":
+            if (
+                isinstance(elem, h5py.Group)
+                and elem.attrs.get("encoding-type") == "csr_matrix"
+                and min(elem.attrs["shape"]) > 0  # e.g. QC units: cells x 0 genes
+            ):
                 return open_csr(elem)
             return ad.io.read_elem(elem)
 
         parts = {
             k: ad.io.read_elem(f[k])
-            for k in ("obs", "var", "uns", "obsm", "varm", "obsp")
+            for k in ("obs", "var", "uns", "obsm", "varm", "obsp", "varp")
             if k in f
         }
         layers = {k: matrix(f["layers"][k]) for k in f["layers"]} if "layers" in f else {}

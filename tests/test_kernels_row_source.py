@@ -29,9 +29,9 @@ from pipeline.kernels.sparse import is_row_source
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-N_CELLS, N_GENES, N_TOP = 3000, 300, 60
-#: Rows per block on the row source: several blocks, the last one partial.
-CHUNK = 700
+N_CELLS, N_GENES, N_TOP = 2000, 300, 60
+#: Rows per block on the row source: three blocks, the last one partial.
+CHUNK = 750
 CPU = torch.device("cpu")
 
 
@@ -193,10 +193,23 @@ def _assert_same_pca(got, ref, *, n_comps: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "zero_center"), [("randomized", True), ("lobpcg", True), ("randomized", False)]
+    ("method", "zero_center", "n_iter", "tol"),
+    [
+        ("randomized", True, 50, 1e-4),  # defaults: stops on convergence
+        ("lobpcg", True, 50, 1e-4),
+        ("randomized", False, 6, 0.0),  # fixed number of power iterations
+    ],
 )
-def test_pca_row_source_matches_in_memory(matrices, method, zero_center):
-    kwargs = {"n_comps": 20, "seed": 0, "device": CPU, "method": method, "zero_center": zero_center}
+def test_pca_row_source_matches_in_memory(matrices, method, zero_center, n_iter, tol):
+    kwargs = {
+        "n_comps": 20,
+        "seed": 0,
+        "device": CPU,
+        "method": method,
+        "zero_center": zero_center,
+        "n_iter": n_iter,
+        "tol": tol,
+    }
     ref = pca_sparse(matrices["lognorm"], **kwargs)
     got = pca_sparse(matrices["disk_lognorm"], chunk_size=CHUNK, **kwargs)
     assert got.x_pca.shape == (N_CELLS, 20)
@@ -207,8 +220,9 @@ def test_pca_row_source_matches_in_memory(matrices, method, zero_center):
 def test_pca_row_source_canonicalises_blocks(matrices):
     """Blocks with unsorted and duplicate column indices give the canonical matrix's PCA."""
     scrambled = _Recording(matrices["disk_lognorm"], scramble=True)
-    ref = pca_sparse(matrices["lognorm"], n_comps=10, seed=0, device=CPU)
-    got = pca_sparse(scrambled, n_comps=10, seed=0, device=CPU, chunk_size=CHUNK)
+    kwargs = {"n_comps": 10, "seed": 0, "device": CPU, "n_iter": 6, "tol": 0.0}
+    ref = pca_sparse(matrices["lognorm"], **kwargs)
+    got = pca_sparse(scrambled, chunk_size=CHUNK, **kwargs)
     _assert_same_pca(got, ref, n_comps=10)
 
 
@@ -223,7 +237,9 @@ _KERNELS: dict[str, Callable[[object, int], object]] = {
     "weighted_scores": lambda x, c: weighted_scores(
         x, np.ones((N_GENES, 2)), device=CPU, chunk_size=c
     ),
-    "pca_randomized": lambda x, c: pca_sparse(x, n_comps=10, seed=0, device=CPU, chunk_size=c),
+    "pca_randomized": lambda x, c: pca_sparse(
+        x, n_comps=10, seed=0, device=CPU, n_iter=3, chunk_size=c
+    ),
     "pca_lobpcg": lambda x, c: pca_sparse(
         x, n_comps=10, seed=0, device=CPU, method="lobpcg", chunk_size=c
     ),

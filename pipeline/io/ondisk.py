@@ -243,18 +243,21 @@ def write_csr(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dtype: Any = None,
+    h5_chunk: int = _H5_CHUNK,
 ) -> None:
     """Write a row source (or an in-memory sparse matrix) as ``group[name]``, block by block.
 
     The element is an anndata ``csr_matrix`` (``data``, ``indices``,
     ``indptr``), written with resizable datasets and extended one block at a time;
-    at most one block of rows is in memory.
+    at most one block of rows is in memory. ``h5_chunk`` is the HDF5 chunk length
+    in stored values: large for block-wise reading, small for a matrix read at
+    random rows (scVI minibatches), where every row read costs a chunk.
     """
     import anndata as ad
 
     dtype = np.dtype(dtype if dtype is not None else getattr(source, "dtype", np.float32))
     n_rows, n_cols = (int(s) for s in source.shape)
-    kwargs = {"chunks": (_H5_CHUNK,)}  # anndata adds maxshape=(None,): the datasets can grow
+    kwargs = {"chunks": (h5_chunk,)}  # anndata adds maxshape=(None,): the datasets can grow
     blocks = iter_row_blocks(source, chunk_size=chunk_size)
     first = next(blocks, None)
     if first is None:
