@@ -33,6 +33,13 @@ N_CELLS, N_GENES, N_TOP = 2000, 300, 60
 #: Rows per block on the row source: three blocks, the last one partial.
 CHUNK = 750
 CPU = torch.device("cpu")
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+    ),
+]
 
 
 def _counts(seed: int = 0) -> tuple[sparse.csr_matrix, np.ndarray]:
@@ -104,6 +111,25 @@ def matrices(tmp_path_factory) -> Iterator[dict]:
         }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    """One CPU thread for these small matrices (restored after the module).
+
+    The kernels' many small block products gain nothing from intra-op threads here,
+    and on a busy machine OpenMP threads waiting for a shared core make the file
+    several times slower.
+    """
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 def _masks() -> dict[str, np.ndarray]:
     genes = np.arange(N_GENES)
     return {"mt": genes < 13, "ribo": (genes >= 13) & (genes < 53)}
@@ -112,15 +138,15 @@ def _masks() -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- sums
 
 
-def test_cell_totals_row_source(matrices):
-    ref = cell_totals(matrices["counts"], device=CPU)
-    got = cell_totals(matrices["disk_counts"], device=CPU, chunk_size=CHUNK)
+def test_cell_totals_row_source(matrices, device):
+    ref = cell_totals(matrices["counts"], device=device)
+    got = cell_totals(matrices["disk_counts"], device=device, chunk_size=CHUNK)
     np.testing.assert_array_equal(got, ref)
 
 
-def test_qc_metrics_row_source(matrices):
-    ref = qc_kernel(matrices["counts"], gene_masks=_masks(), device=CPU)
-    got = qc_kernel(matrices["disk_counts"], gene_masks=_masks(), device=CPU, chunk_size=CHUNK)
+def test_qc_metrics_row_source(matrices, device):
+    ref = qc_kernel(matrices["counts"], gene_masks=_masks(), device=device)
+    got = qc_kernel(matrices["disk_counts"], gene_masks=_masks(), device=device, chunk_size=CHUNK)
     assert set(got.obs) == set(ref.obs)
     assert set(got.var) == set(ref.var)
     for key in ref.obs:
@@ -130,11 +156,11 @@ def test_qc_metrics_row_source(matrices):
 
 
 @pytest.mark.parametrize("batched", [False, True])
-def test_hvg_seurat_v3_row_source(matrices, batched):
+def test_hvg_seurat_v3_row_source(matrices, device, batched):
     batch = matrices["batch"] if batched else None
-    ref = hvg_seurat_v3(matrices["counts"], n_top_genes=N_TOP, batch=batch, device=CPU)
+    ref = hvg_seurat_v3(matrices["counts"], n_top_genes=N_TOP, batch=batch, device=device)
     got = hvg_seurat_v3(
-        matrices["disk_counts"], n_top_genes=N_TOP, batch=batch, device=CPU, chunk_size=CHUNK
+        matrices["disk_counts"], n_top_genes=N_TOP, batch=batch, device=device, chunk_size=CHUNK
     )
     assert list(got.columns) == list(ref.columns)
     np.testing.assert_array_equal(got["highly_variable"], ref["highly_variable"])
@@ -148,28 +174,28 @@ def test_hvg_seurat_v3_row_source(matrices, batched):
         )
 
 
-def test_gene_means_and_weighted_scores_row_source(matrices):
+def test_gene_means_and_weighted_scores_row_source(matrices, device):
     counts, disk = matrices["counts"], matrices["disk_counts"]
     np.testing.assert_array_equal(
-        gene_means(disk, device=CPU, chunk_size=CHUNK), gene_means(counts, device=CPU)
+        gene_means(disk, device=device, chunk_size=CHUNK), gene_means(counts, device=device)
     )
     rng = np.random.default_rng(1)
     weights = rng.normal(size=(N_GENES, 4))
     np.testing.assert_allclose(
-        weighted_scores(disk, weights, device=CPU, chunk_size=CHUNK),
-        weighted_scores(counts, weights, device=CPU),
+        weighted_scores(disk, weights, device=device, chunk_size=CHUNK),
+        weighted_scores(counts, weights, device=device),
         rtol=1e-12,
         atol=1e-12,
     )
     # log-normalised values (not integers): equal to float64 rounding
     lognorm, disk_lognorm = matrices["lognorm"], matrices["disk_lognorm"]
     np.testing.assert_allclose(
-        gene_means(disk_lognorm, device=CPU, chunk_size=CHUNK),
-        gene_means(lognorm, device=CPU),
+        gene_means(disk_lognorm, device=device, chunk_size=CHUNK),
+        gene_means(lognorm, device=device),
         rtol=1e-12,
     )
     with pytest.raises(ValueError, match="genes x signatures"):
-        weighted_scores(disk, weights[:-1], device=CPU, chunk_size=CHUNK)
+        weighted_scores(disk, weights[:-1], device=device, chunk_size=CHUNK)
 
 
 @pytest.mark.parametrize("func", [normalize_total, normalize_log1p, log1p])
@@ -200,11 +226,11 @@ def _assert_same_pca(got, ref, *, n_comps: int) -> None:
         ("randomized", False, 6, 0.0),  # fixed number of power iterations
     ],
 )
-def test_pca_row_source_matches_in_memory(matrices, method, zero_center, n_iter, tol):
+def test_pca_row_source_matches_in_memory(matrices, device, method, zero_center, n_iter, tol):
     kwargs = {
         "n_comps": 20,
         "seed": 0,
-        "device": CPU,
+        "device": device,
         "method": method,
         "zero_center": zero_center,
         "n_iter": n_iter,
@@ -217,10 +243,10 @@ def test_pca_row_source_matches_in_memory(matrices, method, zero_center, n_iter,
     _assert_same_pca(got, ref, n_comps=20)
 
 
-def test_pca_row_source_canonicalises_blocks(matrices):
+def test_pca_row_source_canonicalises_blocks(matrices, device):
     """Blocks with unsorted and duplicate column indices give the canonical matrix's PCA."""
     scrambled = _Recording(matrices["disk_lognorm"], scramble=True)
-    kwargs = {"n_comps": 10, "seed": 0, "device": CPU, "n_iter": 6, "tol": 0.0}
+    kwargs = {"n_comps": 10, "seed": 0, "device": device, "n_iter": 6, "tol": 0.0}
     ref = pca_sparse(matrices["lognorm"], **kwargs)
     got = pca_sparse(scrambled, chunk_size=CHUNK, **kwargs)
     _assert_same_pca(got, ref, n_comps=10)
