@@ -34,6 +34,7 @@ positive.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
@@ -109,7 +110,7 @@ def _gene_moments(
     return mean, s2 / n - mean**2
 
 
-class _CenteredOperator:
+class _CenteredOperator(ABC):
     """``A = X - 1 mu^T`` (or ``X`` when not centring) as a pair of product functions.
 
     Holds the per-gene moments and the centring; the uncentred products ``X @ q`` and
@@ -133,13 +134,13 @@ class _CenteredOperator:
         self.center = center
         self.mu = self.mean64.to(dtype) if center else None
 
+    @abstractmethod
     def _product(self, q: torch.Tensor) -> torch.Tensor:
         """``X @ q`` (uncentred), cells x k."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _rproduct(self, y: torch.Tensor) -> torch.Tensor:
         """``X^T @ y`` (uncentred), genes x k."""
-        raise NotImplementedError
 
     def matmat(self, q: torch.Tensor) -> torch.Tensor:
         """``A @ q`` for ``q`` genes x k."""
