@@ -19,6 +19,8 @@ one block whatever the number of cells.
 
 from __future__ import annotations
 
+import contextlib
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ __all__ = [
     "StackedRows",
     "SubsetRows",
     "open_csr",
+    "scratch_columns",
     "source_location",
     "write_csr",
 ]
@@ -95,8 +98,9 @@ class _RowSource(CSRDataset):
     def __len__(self) -> int:
         return self.shape[0]
 
+    @abstractmethod
     def _rows(self, start: int, stop: int) -> sp.csr_matrix:
-        raise NotImplementedError
+        """Rows ``start:stop`` (``0 <= start < stop <= n_rows``) as CSR."""
 
     def __getitem__(self, key: Any) -> sp.csr_matrix:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -243,21 +247,18 @@ def write_csr(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dtype: Any = None,
-    h5_chunk: int = _H5_CHUNK,
 ) -> None:
     """Write a row source (or an in-memory sparse matrix) as ``group[name]``, block by block.
 
     The element is an anndata ``csr_matrix`` (``data``, ``indices``,
     ``indptr``), written with resizable datasets and extended one block at a time;
-    at most one block of rows is in memory. ``h5_chunk`` is the HDF5 chunk length
-    in stored values: large for block-wise reading, small for a matrix read at
-    random rows (scVI minibatches), where every row read costs a chunk.
+    at most one block of rows is in memory.
     """
     import anndata as ad
 
     dtype = np.dtype(dtype if dtype is not None else getattr(source, "dtype", np.float32))
     n_rows, n_cols = (int(s) for s in source.shape)
-    kwargs = {"chunks": (h5_chunk,)}  # anndata adds maxshape=(None,): the datasets can grow
+    kwargs = {"chunks": (_H5_CHUNK,)}  # anndata adds maxshape=(None,): the datasets can grow
     blocks = iter_row_blocks(source, chunk_size=chunk_size)
     first = next(blocks, None)
     if first is None:
@@ -274,3 +275,28 @@ def write_csr(
     if tuple(ds.shape) != (n_rows, n_cols):
         msg = f"write_csr wrote {ds.shape}, expected {(n_rows, n_cols)}"
         raise RuntimeError(msg)
+
+
+def scratch_columns(
+    x: Any,
+    cols: np.ndarray,
+    stack: contextlib.ExitStack,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prefix: str = "immuneage-",
+) -> Any:
+    """Copy columns ``cols`` of a row source to a scratch h5ad and return them opened in place.
+
+    For a slice read many times (PCA power iterations, scVI epochs): it is written
+    once, block by block, under ``$TMPDIR`` (node-local disk on most clusters).
+    ``stack`` owns the file: it is closed and deleted when the stack closes.
+    """
+    import tempfile
+
+    import h5py
+
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+    path = f"{tmp}/columns.h5"
+    with h5py.File(path, "w") as f:
+        write_csr(f, "X", SubsetRows(x, cols=cols, dtype=np.float32), chunk_size=chunk_size)
+    return open_csr(stack.enter_context(h5py.File(path, "r"))["X"])

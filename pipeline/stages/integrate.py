@@ -199,7 +199,8 @@ def _scvi_input(
     """
     import scipy.sparse as sp
 
-    from ..kernels.sparse import is_row_source
+    from ..io.ondisk import scratch_columns
+    from ..kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source
 
     hv = adata.var["highly_variable"].to_numpy(bool)
     cols = list(
@@ -216,7 +217,16 @@ def _scvi_input(
             obs[col] = values.astype(str).astype("category")
     counts = adata.layers[keys.COUNTS]
     if is_row_source(counts):
-        counts = _scratch_hvg_counts(counts, np.flatnonzero(hv), stack, chunk_size)
+        if stack is None:
+            raise ValueError("on-disk counts need an ExitStack to own the scratch file")
+        counts = scratch_columns(
+            counts,
+            np.flatnonzero(hv),
+            stack,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            prefix="immuneage-scvi-",
+        )
+        log.info("integrate: scVI reads its minibatches from a scratch h5ad (backed mode)")
     elif sp.issparse(counts):
         counts = sp.csr_matrix(counts[:, np.flatnonzero(hv)])
     else:
@@ -224,33 +234,6 @@ def _scvi_input(
     lean = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names[hv].copy()))
     lean.layers[keys.COUNTS] = counts
     return lean
-
-
-def _scratch_hvg_counts(
-    counts: Any, hv: np.ndarray, stack: contextlib.ExitStack | None, chunk_size: int | None
-) -> Any:
-    """Write the HVG columns of on-disk counts to a scratch h5ad; return them opened in place."""
-    import tempfile
-
-    import h5py
-
-    from ..io.ondisk import SubsetRows, open_csr, write_csr
-    from ..kernels.sparse import DEFAULT_CHUNK_SIZE
-
-    if stack is None:
-        raise ValueError("on-disk counts need an ExitStack to own the scratch file")
-    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="immuneage-scvi-"))
-    path = f"{tmp}/hvg_counts.h5"
-    with h5py.File(path, "w") as f:
-        write_csr(
-            f,
-            "counts",
-            SubsetRows(counts, cols=hv, dtype=np.float32),
-            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-        )
-    f = stack.enter_context(h5py.File(path, "r"))
-    log.info("integrate: scVI reads its minibatches from %s (backed mode)", path)
-    return open_csr(f["counts"])
 
 
 def _history_table(history: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -337,29 +337,20 @@ def _pca_row_source(
 ) -> tuple[Any, Any, Any, Any]:
     """PCA of the HVG columns of an on-disk ``X``, read block by block.
 
-    The HVG slice is first written once to a scratch h5ad under ``$TMPDIR``
-    (node-local disk on most clusters): the power iterations read it about
-    forty times, and it is a fraction of the whole matrix.
+    The HVG slice is first written once to a scratch h5ad
+    (:func:`pipeline.io.ondisk.scratch_columns`): the power iterations read it
+    about forty times, and it is a fraction of the whole matrix.
     """
-    import tempfile
+    import contextlib
 
-    import h5py
-
-    from ..io.ondisk import SubsetRows, open_csr, write_csr
+    from ..io.ondisk import scratch_columns
     from ..kernels import pca_sparse
     from ..kernels.sparse import DEFAULT_CHUNK_SIZE
 
     chunk = chunk_size or DEFAULT_CHUNK_SIZE
-    with tempfile.TemporaryDirectory(prefix="immuneage-pca-") as tmp:
-        path = f"{tmp}/hvg_lognorm.h5"
-        with h5py.File(path, "w") as f:
-            write_csr(f, "X", SubsetRows(x, cols=hv, dtype=np.float32), chunk_size=chunk)
-        with h5py.File(path, "r") as f:
-            return tuple(
-                pca_sparse(
-                    open_csr(f["X"]), n_comps=n_comps, seed=seed, device=device, chunk_size=chunk
-                )
-            )
+    with contextlib.ExitStack() as stack:
+        hvg = scratch_columns(x, hv, stack, chunk_size=chunk, prefix="immuneage-pca-")
+        return tuple(pca_sparse(hvg, n_comps=n_comps, seed=seed, device=device, chunk_size=chunk))
 
 
 def run_preprocess(
