@@ -722,7 +722,16 @@ def _h5ad_counts(
         if problem is None:
             return label, named[label], elem
         tried.append(f"{label}: {problem}")
-    raise DataFileError(f"{where} holds no raw counts: tried {'; '.join(tried)}. {_COUNTS_ADVICE}")
+    others = [n for n in layers if f"layers[{n!r}]" not in candidates]
+    hint = (
+        f" It also has the layer(s) {_shown(others, 20)}: if one holds the counts, pass its "
+        "name as counts_layer (config or sample sheet)."
+        if others and counts_layer is None
+        else ""
+    )
+    raise DataFileError(
+        f"{where} holds no raw counts: tried {'; '.join(tried)}. {_COUNTS_ADVICE}{hint}"
+    )
 
 
 def _h5ad_symbols(
@@ -1179,14 +1188,16 @@ def _finish(x: sp.csr_matrix, barcodes: np.ndarray, plan: _Plan, where: str) -> 
     other: dict[str, pd.DataFrame] = {}
     if not gex.all():
         assert types is not None
-        kinds = sorted(set(np.asarray(types)[~gex]))
+        kinds = sorted({str(t) for t in np.asarray(types)[~gex]})
         if not gex.any():
             raise DataFileError(
                 f"{where} has no 'Gene Expression' features (only {', '.join(kinds)}); "
                 "pass a gene expression counts file"
             )
         other = _set_aside(x, symbols, np.asarray(types, dtype=str), gex, bc)
-        logger.info("%s: kept %d non-gene features in obsm (%s)", where, (~gex).sum(), kinds)
+        logger.info(
+            "%s: kept %d non-gene features in obsm (%s)", where, (~gex).sum(), ", ".join(kinds)
+        )
         x = x[:, np.flatnonzero(gex)]
         symbols = [s for s, keep in zip(symbols, gex, strict=True) if keep]
         ids = ids[gex] if ids is not None else None
