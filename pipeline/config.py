@@ -164,13 +164,35 @@ class QCConfig(_Section):
         default="adaptive",
         description=(
             "'adaptive': per sample, cells outside median +/- nmads MADs of log counts and log genes, "
-            "or above median + nmads MADs of % mitochondrial, are removed; 'fixed': only the bounds below."
+            "or above median + nmads MADs of % mitochondrial, are removed (each MAD raised to "
+            "mad_floor_log / mad_floor_pct_mt when smaller), combined with the fixed bounds below "
+            "(the stricter wins; a fixed lower bound above the sample's lower quartile is not "
+            "applied and is warned); 'fixed': only the bounds below. tables/qc_per_sample.tsv names the rule "
+            "behind each bound."
         ),
     )
     nmads: float = Field(
         default=5.0,
         gt=0,
         description="Width of the adaptive thresholds in median absolute deviations.",
+    )
+    mad_floor_log: float = Field(
+        default=0.1,
+        ge=0,
+        description=(
+            "Smallest MAD used for log1p counts and log1p genes (natural log): with nmads 5 no "
+            "cell within a factor exp(0.5) = 1.65 of the sample's median is removed, even in a "
+            "tiny or uniform sample whose MAD is near 0."
+        ),
+    )
+    mad_floor_pct_mt: float = Field(
+        default=0.5,
+        ge=0,
+        description=(
+            "Smallest MAD used for % mitochondrial (percentage points): a MAD of 0 (one MT- "
+            "gene, single-nucleus data) gives a bound of median + nmads x 0.5 points (2.5 with "
+            "nmads 5), not the median."
+        ),
     )
     min_counts: int | None = Field(
         default=None,
@@ -181,7 +203,13 @@ class QCConfig(_Section):
         default=None, ge=1, description="Fixed upper bound on total counts per cell (both modes)."
     )
     min_genes: int | None = Field(
-        default=200, ge=0, description="Fixed lower bound on genes detected per cell (both modes)."
+        default=200,
+        ge=0,
+        description=(
+            "Fixed lower bound on genes detected per cell (both modes; in adaptive mode not "
+            "applied to a sample where more than a quarter of the cells have fewer, e.g. a gene "
+            "panel)."
+        ),
     )
     max_genes: int | None = Field(
         default=None, ge=1, description="Fixed upper bound on genes detected per cell (both modes)."

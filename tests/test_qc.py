@@ -111,7 +111,17 @@ def test_metrics_equal_scanpy_and_outliers_are_flagged():
 def test_adaptive_thresholds_are_median_plus_minus_k_mads():
     a, _ = _sample()
     cfg = load_config(
-        None, {"qc": {"doublets": "none", "min_genes": None, "max_pct_mt": None, "nmads": 3}}
+        None,
+        {
+            "qc": {
+                "doublets": "none",
+                "min_genes": None,
+                "max_pct_mt": None,
+                "nmads": 3,
+                "mad_floor_log": 0,
+                "mad_floor_pct_mt": 0,
+            }
+        },
     )
     out = qc_sample(a, cfg)
     logc = np.log1p(out.obs["total_counts"].to_numpy())
@@ -196,3 +206,92 @@ def test_merge_tabulates_reasons_per_sample():
     assert (table["removed_mt"] >= 20).all()
     assert res.adata.n_obs == 3 * 435
     assert res.adata.uns["immuneage"]["qc"]["dropped_samples"] == []
+
+
+# --- real counts ------------------------------------------------------------------------
+
+
+def _as_sample(x: sp.csr_matrix, genes: list[str], sample: str = "R1") -> ad.AnnData:
+    n = x.shape[0]
+    obs = pd.DataFrame(
+        {
+            "sample": pd.Categorical([sample] * n),
+            "donor": pd.Categorical(["D1"] * n),
+            "timepoint": pd.Categorical(["baseline"] * n, categories=["baseline"], ordered=True),
+        },
+        index=[f"{sample}:c{i}" for i in range(n)],
+    )
+    a = ad.AnnData(sp.csr_matrix(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=genes))
+    a.layers["counts"] = a.X
+    return a
+
+
+def test_one_sparse_mt_gene_does_not_collapse_the_mt_bound():
+    """pbmc68k's 765 genes hold one MT- gene (MT-ND3), detected in a quarter of the cells."""
+    from pipeline.datasets.real import pbmc68k_counts
+
+    src = pbmc68k_counts()
+    a = _as_sample(src.X, list(src.var_names))
+    has_mt = np.asarray((a[:, "MT-ND3"].X > 0).todense()).ravel()
+    assert 0.15 < has_mt.mean() < 0.35
+    # the bug: MAD 0 -> bound 0% -> every cell with one MT-ND3 count removed
+    collapsed = load_config(None, {"qc": {"doublets": "none", "mad_floor_pct_mt": 0}})
+    assert qc_sample(a, collapsed).obs.loc[has_mt, "qc_fail_mt"].all()
+    cfg = load_config(None, {"qc": {"doublets": "none"}})
+    out = qc_sample(a, cfg)
+    info = out.uns["immuneage"]["qc"]
+    assert info["mads"]["pct_counts_mt"] == 0
+    assert info["rules"]["max_pct_mt"] == "adaptive (MAD floor)"
+    assert info["thresholds"]["max_pct_mt"] == pytest.approx(5 * 0.5)
+    assert not out.obs["qc_fail_mt"].any()
+    assert out.obs.loc[has_mt, "qc_pass"].mean() > 0.9
+    assert out.obs["qc_pass"].mean() > 0.9
+    table = merge_qc([out], cfg).tables["qc_per_sample"]
+    assert table.loc[0, "rule_max_pct_mt"] == "adaptive (MAD floor)"
+    assert {"rule_min_counts", "rule_max_counts", "rule_min_genes", "rule_max_genes"} <= set(table)
+
+
+def test_adaptive_rule_still_removes_real_outliers():
+    """CellTypist's sample (real counts, 30 MT- genes) plus planted dying and empty cells."""
+    from pipeline.datasets.real import celltypist_sample_counts
+
+    src = celltypist_sample_counts()
+    genes = list(src.var_names)
+    x = sp.csr_matrix(src.X, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    mt = np.flatnonzero(pd.Index(genes).str.startswith("MT-"))
+    pick = rng.choice(x.shape[0], 40, replace=False)
+    dying = x[pick[:20]].tolil()
+    dying[:, mt] = dying[:, mt].multiply(15)  # mitochondrial share up ~ 5x
+    empty = x[pick[20:]].copy()  # ambient-like droplets: ~60 UMIs each
+    keep = np.repeat(60 / np.asarray(empty.sum(1)).ravel(), np.diff(empty.indptr))
+    empty.data = rng.binomial(empty.data.astype(np.int64), keep).astype(np.float32)
+    a = _as_sample(sp.vstack([x, dying.tocsr(), empty]).tocsr(), genes)
+    kind = np.array(["real"] * x.shape[0] + ["dying"] * 20 + ["empty"] * 20)
+    out = qc_sample(a, load_config(None, {"qc": {"doublets": "none"}}))
+    assert out.obs.loc[kind == "real", "qc_pass"].mean() > 0.9
+    # the adaptive bounds alone (no fixed ones) catch them too
+    alone = load_config(None, {"qc": {"doublets": "none", "min_genes": None, "max_pct_mt": None}})
+    out_alone = qc_sample(a, alone)
+    assert not out_alone.obs.loc[kind != "real", "qc_pass"].any()
+    assert out_alone.obs.loc[kind == "real", "qc_pass"].mean() > 0.9
+    assert not out.obs.loc[kind == "dying", "qc_pass"].any()
+    assert not out.obs.loc[kind == "empty", "qc_pass"].any()
+    rules = out.uns["immuneage"]["qc"]["rules"]
+    assert rules["max_pct_mt"] in ("adaptive", "fixed")  # real spread: no floor needed
+
+
+def test_fixed_floor_above_lower_quartile_is_not_applied_and_warned():
+    a, kind = _sample()
+    cfg = load_config(None, {"qc": {"doublets": "none", "min_genes": 500}})
+    out = qc_sample(a, cfg)  # good cells detect ~450 of 600 genes: 500 is above most
+    info = out.uns["immuneage"]["qc"]
+    assert info["rules"]["min_genes"].endswith("fixed bound above lower quartile not applied")
+    assert info["thresholds"]["min_genes"] < 500
+    assert out.obs.loc[kind == "good", "qc_pass"].mean() > 0.97
+    with pytest.warns(ImmuneageWarning, match=r"qc.min_genes = 500 .* not applied"):
+        table = merge_qc([out], cfg).tables["qc_per_sample"]
+    assert "not applied" in table.loc[0, "rule_min_genes"]
+    # fixed mode applies the bound as given
+    fixed = load_config(None, {"qc": {"doublets": "none", "min_genes": 500, "mode": "fixed"}})
+    assert qc_thresholds(out.obs, fixed.qc)["min_genes"] == 500

@@ -7,14 +7,17 @@ Runs once per sample (one Slurm array task each) on that sample's raw counts:
   ``pct_counts_hb``, and their ``log1p_`` forms);
 * outlier flags: adaptive thresholds (median +/- ``nmads`` unscaled median
   absolute deviations of log counts and log genes; median + ``nmads`` MADs of
-  % mitochondrial), plus any fixed bounds from the config;
+  % mitochondrial; each MAD raised to a floor so that a metric without spread
+  never collapses its bound), plus any fixed bounds from the config (a fixed
+  lower bound above the sample's median is not applied); the rule behind each
+  bound is recorded (:func:`threshold_rules`);
 * doublets with scrublet on the cells passing those filters (scanpy on CPU,
   rapids-singlecell on GPU); scores and calls in ``obs``.
 
 The per-sample result holds only ``obs`` (no matrix: the counts stay in the
 ingest artifact). The merge concatenates them and writes
 ``tables/qc_per_sample.tsv`` (cells in, removed by each reason, cells out,
-thresholds). A sample losing (almost) all cells fails with an error naming it,
+thresholds and the rule that set each). A sample losing (almost) all cells fails with an error naming it,
 or is dropped with a warning when ``qc.on_failed_sample: drop``.
 """
 
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
     from ..config import Config, QCConfig
 
-__all__ = ["gene_masks", "merge_qc", "qc_sample", "qc_thresholds"]
+__all__ = ["gene_masks", "merge_qc", "qc_sample", "qc_thresholds", "threshold_rules"]
 
 #: obs columns written by this stage.
 QC_COLUMNS = (
@@ -120,39 +123,109 @@ def _metrics(
     return df
 
 
+#: Thresholds of one sample and the metric (obs column) each one bounds.
+BOUNDS = {
+    "min_counts": "log1p_total_counts",
+    "max_counts": "log1p_total_counts",
+    "min_genes": "log1p_n_genes_by_counts",
+    "max_genes": "log1p_n_genes_by_counts",
+    "max_pct_mt": "pct_counts_mt",
+}
+
+
+#: A fixed lower bound above this quantile of a sample's metric is not applied (adaptive mode).
+FIXED_FLOOR_QUANTILE = 0.25
+
+
+def _mad_floor(metric: str, cfg: QCConfig) -> float:
+    return cfg.mad_floor_pct_mt if metric == "pct_counts_mt" else cfg.mad_floor_log
+
+
+def threshold_rules(
+    metrics: pd.DataFrame, cfg: QCConfig
+) -> tuple[dict[str, float | None], dict[str, str], dict[str, float]]:
+    """The bounds applied to one sample, the rule that set each, and the MADs.
+
+    Rules, per bound (``min_counts``, ``max_counts``, ``min_genes``,
+    ``max_genes``, ``max_pct_mt``):
+
+    * ``mode: adaptive``: the adaptive bound is ``median +/- nmads * MAD`` of
+      the metric (log1p counts, log1p genes, % mitochondrial), where the MAD
+      (unscaled) is raised to a floor when smaller (``qc.mad_floor_log`` for
+      the log metrics, ``qc.mad_floor_pct_mt`` for % mitochondrial): a metric
+      without spread (one MT- gene detected in a few cells, a tiny or uniform
+      sample) never collapses the bound onto the median. The fixed bound, when
+      set, is combined with it (the stricter wins), except that a fixed *lower*
+      bound (``min_counts``, ``min_genes``) above the sample's lower quartile
+      (:data:`FIXED_FLOOR_QUANTILE`) is not applied: a floor against empty
+      droplets that would remove more than a quarter of the cells does not fit
+      the matrix (a gene panel, a reduced matrix, shallow sequencing); the
+      sample's adaptive bound applies and :func:`merge_qc` warns.
+    * ``mode: fixed``: the fixed bounds only.
+
+    Parameters
+    ----------
+    metrics
+        Per-cell QC metrics (``log1p_total_counts``, ``log1p_n_genes_by_counts``,
+        ``pct_counts_mt``, ``total_counts``, ``n_genes_by_counts``).
+    cfg
+        The ``qc`` section.
+
+    Returns
+    -------
+    thresholds
+        ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes`` (in counts
+        and genes, not logs) and ``max_pct_mt``; ``None`` where no bound applies.
+    rules
+        Per bound: ``none``, ``fixed``, ``adaptive`` or ``adaptive (MAD floor)``;
+        ``; fixed bound above lower quartile not applied`` is appended where
+        that rule dropped the fixed bound.
+    mads
+        Per metric: the MAD measured (before any floor); empty in fixed mode.
+    """
+    fixed: dict[str, float | None] = {b: getattr(cfg, b) for b in BOUNDS}
+    out = dict(fixed)
+    rules = {b: ("none" if v is None else "fixed") for b, v in fixed.items()}
+    mads: dict[str, float] = {}
+    if cfg.mode == "adaptive" and len(metrics):
+        k = cfg.nmads
+        for bound, metric in BOUNDS.items():
+            values = metrics[metric].to_numpy(np.float64)
+            med = float(np.median(values))
+            mad = float(median_abs_deviation(values))
+            mads[metric] = mad
+            floor = _mad_floor(metric, cfg)
+            width = k * max(mad, floor)
+            upper = bound.startswith("max_")
+            adaptive = med + width if upper else med - width
+            if metric != "pct_counts_mt":
+                adaptive = float(np.expm1(adaptive))
+            rule = "adaptive" if mad >= floor else "adaptive (MAD floor)"
+            fix = fixed[bound]
+            quartile = float(np.expm1(np.quantile(values, FIXED_FLOOR_QUANTILE)))
+            if fix is not None and not upper and fix > quartile:
+                rules[bound] = rule + "; fixed bound above lower quartile not applied"
+                out[bound] = adaptive
+            elif fix is not None and (fix < adaptive if upper else fix > adaptive):
+                rules[bound], out[bound] = "fixed", fix
+            else:
+                rules[bound], out[bound] = rule, adaptive
+    thresholds = {
+        b: (None if v is None or not np.isfinite(v) else float(v)) for b, v in out.items()
+    }
+    rules = {b: ("none" if thresholds[b] is None else r) for b, r in rules.items()}
+    return thresholds, rules, mads
+
+
 def qc_thresholds(metrics: pd.DataFrame, cfg: QCConfig) -> dict[str, float | None]:
-    """The bounds applied to one sample: adaptive (MAD) bounds combined with fixed ones.
+    """The bounds applied to one sample (see :func:`threshold_rules` for the rules).
 
     Returns
     -------
     ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes`` (in counts and
     genes, not logs) and ``max_pct_mt``; ``None`` where no bound applies.
     """
-    out: dict[str, float | None] = {
-        "min_counts": cfg.min_counts,
-        "max_counts": cfg.max_counts,
-        "min_genes": cfg.min_genes,
-        "max_genes": cfg.max_genes,
-        "max_pct_mt": cfg.max_pct_mt,
-    }
-    if cfg.mode == "adaptive" and len(metrics):
-        k = cfg.nmads
-
-        def band(values: np.ndarray) -> tuple[float, float]:
-            med = float(np.median(values))
-            mad = float(median_abs_deviation(values))
-            return med - k * mad, med + k * mad
-
-        lo, hi = band(metrics["log1p_total_counts"].to_numpy())
-        out["min_counts"] = max(out["min_counts"] or 0, float(np.expm1(lo)))
-        out["max_counts"] = min(out["max_counts"] or np.inf, float(np.expm1(hi)))
-        lo, hi = band(metrics["log1p_n_genes_by_counts"].to_numpy())
-        out["min_genes"] = max(out["min_genes"] or 0, float(np.expm1(lo)))
-        out["max_genes"] = min(out["max_genes"] or np.inf, float(np.expm1(hi)))
-        mt = metrics["pct_counts_mt"].to_numpy()
-        hi_mt = float(np.median(mt) + k * median_abs_deviation(mt))
-        out["max_pct_mt"] = min(out["max_pct_mt"] or np.inf, hi_mt)
-    return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in out.items()}
+    return threshold_rules(metrics, cfg)[0]
 
 
 def _flags(metrics: pd.DataFrame, t: dict[str, float | None]) -> pd.DataFrame:
@@ -229,8 +302,9 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     -------
     AnnData with the sample's cells and no genes; ``obs`` holds ``sample``,
     ``donor``, ``timepoint`` and the columns in :data:`QC_COLUMNS`;
-    ``uns["immuneage"]["qc"]`` holds the thresholds, the backend, the doublet
-    threshold and ``failed`` / ``dropped`` flags.
+    ``uns["immuneage"]["qc"]`` holds the thresholds, the rule that set each
+    (``rules``, see :func:`threshold_rules`), the MAD of each metric (``mads``),
+    the backend, the doublet threshold and ``failed`` / ``dropped`` flags.
 
     Raises
     ------
@@ -244,7 +318,10 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     sample = str(adata.obs[keys.SAMPLE].iloc[0])
     masks = gene_masks(adata.var_names, q)
     metrics = _metrics(counts, masks, "scanpy" if backend == "scanpy" else backend, device)
-    thresholds = qc_thresholds(metrics, q)
+    thresholds, rules, mads = threshold_rules(metrics, q)
+    for bound, rule in rules.items():
+        if rule not in ("adaptive", "fixed", "none"):
+            log.info("qc: sample %r: %s = %s (%s)", sample, bound, thresholds[bound], rule)
     flags = _flags(metrics, thresholds)
     passed = ~(flags.any(axis=1).to_numpy())
 
@@ -298,12 +375,35 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
             "backend": backend,
             "mode": q.mode,
             "thresholds": {k: ("none" if v is None else v) for k, v in thresholds.items()},
+            "rules": rules,
+            "mads": mads,
             "doublet_threshold": "none" if doublet_threshold is None else doublet_threshold,
             "failed": bool(failed),
             "dropped": dropped,
         }
     }
     return out
+
+
+def _warn_ignored_bounds(per_sample: dict[str, Any], cfg: QCConfig) -> None:
+    """One warning for the fixed lower bounds not applied (above a sample's median)."""
+    ignored: dict[str, list[str]] = {}
+    for sample, info in per_sample.items():
+        for bound, rule in info.get("rules", {}).items():
+            if "not applied" in rule:
+                ignored.setdefault(bound, []).append(sample)
+    for bound, samples in ignored.items():
+        shown = ", ".join(samples[:10]) + (" ..." if len(samples) > 10 else "")
+        warnings.warn(
+            f"qc.{bound} = {getattr(cfg, bound)} lies above the lower quartile of the cells of "
+            f"{len(samples)} sample(s) ({shown}) and is not applied there (it would remove more "
+            "than a quarter of their cells: a gene panel, a reduced matrix or shallow "
+            "sequencing?); their adaptive bound applies. Set qc.mode: "
+            "fixed to apply the fixed bounds as given. See the rule_* columns of "
+            "tables/qc_per_sample.tsv",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
 
 
 def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
@@ -314,8 +414,10 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
     StageResult whose AnnData has every cell's QC ``obs`` (no genes) and
     ``uns["immuneage"]["qc"]`` = per-sample thresholds and the dropped samples;
     table ``qc_per_sample``: sample, donor, timepoint, cells_in, removed by
-    each reason (a cell can fail several), cells_out, the thresholds, doublet
-    threshold and whether the sample was dropped.
+    each reason (a cell can fail several), cells_out, the thresholds, the rule
+    that set each threshold (``rule_<threshold>``), doublet threshold and
+    whether the sample was dropped. A fixed lower bound left out because it
+    lies above a sample's median is warned once, naming the samples.
     """
     rows = []
     per_sample: dict[str, Any] = {}
@@ -335,12 +437,16 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
         }
         for k, v in info["thresholds"].items():
             row[k] = np.nan if v == "none" else v
+        rules = info.get("rules", {})
+        for k in info["thresholds"]:
+            row[f"rule_{k}"] = rules.get(k, "")
         row["doublet_threshold"] = (
             np.nan if info["doublet_threshold"] == "none" else info["doublet_threshold"]
         )
         row["dropped"] = bool(info["dropped"])
         rows.append(row)
         per_sample[info["sample"]] = {k: v for k, v in info.items() if k != "sample"}
+    _warn_ignored_bounds(per_sample, cfg.qc)
     merged = ad.concat(list(units), join="outer", merge="same")
     tp = pd.Categorical(
         merged.obs[keys.TIMEPOINT].astype(str), categories=cfg.design.timepoints, ordered=True
