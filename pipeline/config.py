@@ -155,6 +155,29 @@ class IngestConfig(_Section):
         ge=1,
         description="A sample file with fewer cells than this is an error naming the file.",
     )
+    counts_layer: str | None = Field(
+        default=None,
+        description=(
+            "Where .h5ad files keep the raw counts (a layer name, 'X' or 'raw.X'); null lets the "
+            "reader find them. A sample sheet's 'counts_layer' column overrides it per line."
+        ),
+    )
+    symbol_column: str | None = Field(
+        default=None,
+        description=(
+            "The var column holding gene symbols (e.g. 'feature_name' in CELLxGENE files); null "
+            "lets the reader decide. A sample sheet's 'symbol_column' column overrides it per line."
+        ),
+    )
+    species_check: Literal["error", "warn"] = Field(
+        default="error",
+        description=(
+            "Samples that look non-human (title-case symbols like 'Cd3e', 'mt-' genes, ENSMUS "
+            "ids) meet the shipped human marker panel and gene sets: 'error' stops before "
+            "anything runs, 'warn' goes on (set annotate.markers, score.genesets/custom/gmt "
+            "and qc.mt_prefix for the species first)."
+        ),
+    )
 
 
 class QCConfig(_Section):

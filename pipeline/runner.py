@@ -71,34 +71,69 @@ log = logging.getLogger("immuneage")
 # --------------------------------------------------------------------------- validation
 @dataclass
 class ValidationReport:
-    """What ``immuneage validate`` found: the parsed sheet and a summary per file."""
+    """What ``immuneage validate`` found.
+
+    Attributes
+    ----------
+    sheet
+        The parsed :class:`~pipeline.io.samplesheet.SampleSheet`.
+    summaries
+        Per sample (sheet order), one :class:`~pipeline.io.readers.CountsSummary`
+        per library (sheet line).
+    shared_genes
+        Genes every sample has.
+    warnings
+        The warnings raised while checking.
+    """
 
     sheet: Any
-    summaries: list[Any]
+    summaries: list[list[Any]]
     shared_genes: int
     warnings: list[str] = field(default_factory=list)
 
     def table(self) -> Any:
+        """One row per sheet line: sample, donor, timepoint, library (when the
+        sheet has the column), format, cells, genes, where the counts and
+        symbols come from, and the path."""
         import pandas as pd
 
+        from .io.samplesheet import LIBRARY
+
         rows = []
-        for row, s in zip(self.sheet.rows, self.summaries, strict=True):
-            rows.append(
-                {
-                    keys.SAMPLE: row.sample,
-                    keys.DONOR: row.donor,
-                    keys.TIMEPOINT: row.timepoint,
-                    "format": s.format,
-                    "n_cells": s.n_cells,
-                    "n_genes": s.n_genes,
-                    "path": str(row.path),
-                }
-            )
+        for row, sums in zip(self.sheet.rows, self.summaries, strict=True):
+            for lib, s in zip(row.libraries, sums, strict=True):
+                rows.append(
+                    {
+                        keys.SAMPLE: row.sample,
+                        keys.DONOR: row.donor,
+                        keys.TIMEPOINT: row.timepoint,
+                        **({LIBRARY: lib.library} if LIBRARY in self.sheet.option_columns else {}),
+                        "format": s.format,
+                        "n_cells": s.n_cells,
+                        "n_genes": s.n_genes,
+                        "counts_source": getattr(s, "counts_source", ""),
+                        "symbols_from": getattr(s, "symbols_from", ""),
+                        "path": str(lib.path),
+                    }
+                )
         return pd.DataFrame(rows)
 
 
+def _sample_genes(summaries: list[Any], policy: str) -> set[str]:
+    """A sample's genes from its libraries' summaries (as ingest combines them)."""
+    genes = set(summaries[0].genes)
+    for s in summaries[1:]:
+        genes = genes | set(s.genes) if policy == "outer" else genes & set(s.genes)
+    return genes
+
+
 def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
-    """Check the sheet and every counts file's structure without loading matrices.
+    """Check the sheet, the config and every counts file without loading matrices.
+
+    Reads the sheet, runs the stages' config checks, inspects every library's
+    file with its reading options (``counts_layer``, ``symbol_column``), then
+    checks the genes: enough shared by all samples, the species (see
+    :func:`~pipeline.stages.ingest.check_gene_content`) and the QC prefixes.
 
     Raises
     ------
@@ -107,27 +142,37 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
     """
     from .io.readers import inspect_counts
     from .io.samplesheet import read_samplesheet
+    from .stages.ingest import check_gene_content
 
+    policy = cfg.ingest.gene_policy
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sheet = read_samplesheet(Path(samplesheet), cfg.design, cfg.ingest)
         for spec in STAGES:
             if spec.check is not None:
                 getattr(importlib.import_module(spec.module), spec.check)(cfg, sheet)
-        summaries = [inspect_counts(row.path, sample=row.sample) for row in sheet.rows]
+        summaries = [
+            [
+                inspect_counts(lib.path, sample=row.sample, **lib.reader_options(cfg.ingest))
+                for lib in row.libraries
+            ]
+            for row in sheet.rows
+        ]
+        gene_sets = [_sample_genes(s, policy) for s in summaries]
+        check_gene_content(sheet, [sorted(g) for g in gene_sets], cfg)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    shared = set(summaries[0].genes)
-    for s in summaries[1:]:
-        shared &= set(s.genes)
-    if cfg.ingest.gene_policy == "inner" and len(shared) < cfg.ingest.min_shared_genes:
+    shared = set(gene_sets[0])
+    for genes in gene_sets[1:]:
+        shared &= genes
+    if policy == "inner" and len(shared) < cfg.ingest.min_shared_genes:
         worst = min(
-            ((a, b) for a in range(len(summaries)) for b in range(a + 1, len(summaries))),
-            key=lambda ab: len(set(summaries[ab[0]].genes) & set(summaries[ab[1]].genes)),
+            ((a, b) for a in range(len(gene_sets)) for b in range(a + 1, len(gene_sets))),
+            key=lambda ab: len(gene_sets[ab[0]] & gene_sets[ab[1]]),
             default=(0, 0),
         )
         a, b = (sheet.rows[i] for i in worst)
-        n_ab = len(set(summaries[worst[0]].genes) & set(summaries[worst[1]].genes))
+        n_ab = len(gene_sets[worst[0]] & gene_sets[worst[1]])
         raise InputError(
             f"only {len(shared)} genes are shared by all samples of {samplesheet} "
             f"(ingest.min_shared_genes is {cfg.ingest.min_shared_genes}); samples {a.sample!r} "
@@ -530,20 +575,32 @@ class Runner:
                     )
                 out[name] = st.digest()
             return out
-        sig = path_signature(row.path)
+        libs = row.libraries
+        names = ["file"] if len(libs) == 1 else [f"file:{lib.library}" for lib in libs]
+        sigs = [path_signature(lib.path) for lib in libs]
+        sig: Any = sigs[0] if len(libs) == 1 else sigs
         old = read_stamp(stamp_path(self._unit_artifact(spec, row.sample)))
-        if old is not None and old.info.get("source_signature") == sig:
-            file_hash = old.inputs["file"]
+        if (
+            old is not None
+            and old.info.get("source_signature") == sig
+            and all(n in old.inputs for n in names)
+        ):
+            hashes = [old.inputs[n] for n in names]
         else:
-            file_hash = path_sha256(row.path)
+            hashes = [path_sha256(lib.path) for lib in libs]
         self._signatures[row.sample] = sig
-        row_json = {
+        row_json: dict[str, Any] = {
             "sample": row.sample,
             "donor": row.donor,
             "timepoint": row.timepoint,
             "extra": row.extra,
         }
-        return {"file": file_hash, "row": _sha(row_json)}
+        if any(lib.library or lib.counts_layer or lib.symbol_column for lib in libs):
+            # sheet options change what is read; absent, the record is as it always was
+            row_json["libraries"] = [
+                [lib.library, lib.counts_layer, lib.symbol_column] for lib in libs
+            ]
+        return {**dict(zip(names, hashes, strict=True)), "row": _sha(row_json)}
 
     def _run_per_sample(
         self, spec: StageSpec, *, force: bool, only: str | None
@@ -578,7 +635,7 @@ class Runner:
                         out = sample_func(*ups, self.cfg, device=self._device)
                     return out if isinstance(out, StageResult) else StageResult(out)
 
-                info: dict[str, Any] = {"source": str(row.path)}
+                info: dict[str, Any] = {"source": "; ".join(map(str, row.paths))}
                 if row.sample in self._signatures:
                     info["source_signature"] = self._signatures[row.sample]
                 outputs += self._execute(spec, expected, artifact, compute, label, info)
@@ -709,11 +766,29 @@ class Runner:
         inputs = []
         for row in self._report.sheet.rows:
             ust = read_stamp(stamp_path(self._unit_artifact(get_stage("ingest"), row.sample)))
+            if len(row.libraries) == 1:
+                inputs.append(
+                    {
+                        "sample": row.sample,
+                        "path": str(row.path),
+                        "sha256": ust.inputs.get("file") if ust else None,
+                    }
+                )
+                continue
+            libs = [
+                {
+                    "library": lib.library,
+                    "path": str(lib.path),
+                    "sha256": ust.inputs.get(f"file:{lib.library}") if ust else None,
+                }
+                for lib in row.libraries
+            ]
             inputs.append(
                 {
                     "sample": row.sample,
-                    "path": str(row.path),
-                    "sha256": ust.inputs["file"] if ust else None,
+                    "path": "; ".join(x["path"] for x in libs),
+                    "sha256": "; ".join(x["sha256"] or "" for x in libs) if ust else None,
+                    "libraries": libs,
                 }
             )
         prov = {

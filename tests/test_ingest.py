@@ -61,11 +61,14 @@ def test_ingest_sample(tmp_path: Path) -> None:
     assert set(tp) == {"acute"}
     assert set(out.obs[keys.SAMPLE]) == {"D1_acute"}
     assert set(out.obs["age"]) == {"30"}
-    assert out.uns[keys.UNS]["ingest"] == {
+    info = out.uns[keys.UNS]["ingest"]
+    assert {k: info[k] for k in ("sample", "source", "format", "libraries")} == {
         "sample": "D1_acute",
         "source": str(path),
         "format": "10x_h5",
+        "libraries": "",
     }
+    assert info["read"]["file"] == str(path)
     assert out.layers[keys.COUNTS] is out.X
     np.testing.assert_array_equal(out.X.toarray(), src.X.toarray())
     assert sha_tree(tmp_path) == before

@@ -1,9 +1,24 @@
 """Read and validate the sample sheet: one CSV line per sample.
 
 Required columns are ``sample, donor, timepoint, path``
-(:data:`pipeline.keys.SHEET_REQUIRED`); any further column (``age``,
-``batch``, ...) is carried into ``obs`` by ingest. Paths are resolved against
-the sheet's directory. Every problem is a
+(:data:`pipeline.keys.SHEET_REQUIRED`). Optional columns
+(:data:`OPTION_COLUMNS`) say how to read a line's file and are not carried
+into ``obs``:
+
+``library``
+    Several lines with the same ``sample`` id and distinct ``library`` values
+    are one sample sequenced on several libraries (10x lanes / GEM wells):
+    they must share donor, timepoint and extra values and name different
+    files; ingest reads each and concatenates them (``obs["library"]``).
+``counts_layer``
+    Where an ``.h5ad`` keeps the raw counts (a layer name, ``X`` or ``raw.X``);
+    empty = ``ingest.counts_layer``.
+``symbol_column``
+    The var column holding gene symbols (e.g. ``feature_name``); empty =
+    ``ingest.symbol_column``.
+
+Any further column (``age``, ``batch``, ...) is carried into ``obs`` by
+ingest. Paths are resolved against the sheet's directory. Every problem is a
 :class:`~pipeline.errors.SampleSheetError` naming the sheet, the line and the
 column; all line-level problems of a sheet are reported together.
 """
@@ -21,8 +36,26 @@ from .. import keys
 from ..config import DesignConfig, IngestConfig
 from ..errors import ImmuneageWarning, SampleSheetError
 
-__all__ = ["RESERVED_COLUMNS", "SampleRow", "SampleSheet", "read_samplesheet"]
+__all__ = [
+    "COUNTS_LAYER",
+    "LIBRARY",
+    "OPTION_COLUMNS",
+    "RESERVED_COLUMNS",
+    "SYMBOL_COLUMN",
+    "LibraryRow",
+    "SampleRow",
+    "SampleSheet",
+    "read_samplesheet",
+]
 
+#: Optional column: the library (lane, GEM well) of a line; also the obs column ingest writes.
+LIBRARY = "library"
+#: Optional column: where an .h5ad file keeps the raw counts (per line; empty = config default).
+COUNTS_LAYER = "counts_layer"
+#: Optional column: the var column holding gene symbols (per line; empty = config default).
+SYMBOL_COLUMN = "symbol_column"
+#: Optional columns that say how to read a line's file; not carried into obs.
+OPTION_COLUMNS: tuple[str, ...] = (LIBRARY, COUNTS_LAYER, SYMBOL_COLUMN)
 #: Extra columns that would clash with an obs column the pipeline writes.
 RESERVED_COLUMNS: tuple[str, ...] = (keys.BARCODE,)
 
@@ -31,8 +64,52 @@ _MAX_LISTED = 20  # line-level problems listed in one error
 
 
 @dataclass(frozen=True)
+class LibraryRow:
+    """One line of the sheet: one counts file of a sample.
+
+    Attributes
+    ----------
+    library
+        The ``library`` value (``""`` when the sheet has no ``library`` column
+        or the line leaves it empty).
+    path
+        The counts file, resolved to an absolute path.
+    row
+        1-based line number in the CSV.
+    counts_layer, symbol_column
+        The line's reading options (``None``: the ``ingest`` config default).
+    """
+
+    library: str
+    path: Path
+    row: int
+    counts_layer: str | None = None
+    symbol_column: str | None = None
+
+    def reader_options(self, ingest: IngestConfig) -> dict[str, str]:
+        """How to read this line's file: its own options, else the ``ingest`` config's.
+
+        Parameters
+        ----------
+        ingest
+            Gives the defaults ``ingest.counts_layer`` and ``ingest.symbol_column``.
+
+        Returns
+        -------
+        Keyword arguments for :func:`~pipeline.io.readers.read_counts` and
+        :func:`~pipeline.io.readers.inspect_counts`: ``counts_layer`` and
+        ``symbol_column``, each only when set.
+        """
+        options = {
+            "counts_layer": self.counts_layer or ingest.counts_layer,
+            "symbol_column": self.symbol_column or ingest.symbol_column,
+        }
+        return {k: v for k, v in options.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class SampleRow:
-    """One sample of the sheet.
+    """One sample of the sheet (one or several lines: its libraries).
 
     Attributes
     ----------
@@ -44,11 +121,16 @@ class SampleRow:
         One of ``design.timepoints``.
     path
         The counts file, resolved to an absolute path (relative paths are
-        relative to the sheet's directory).
+        relative to the sheet's directory); of the first library when there are several.
     row
-        1-based line number in the CSV (the header is line 1).
+        1-based line number in the CSV (the header is line 1); the first library's.
     extra
         Values of the sheet's extra columns (``age``, ``batch``, ...), as strings.
+    counts_layer, symbol_column
+        Reading options of the (first) line; ``None``: the ``ingest`` config default.
+    libraries
+        Every line of the sample, in sheet order; left empty, one library
+        made of ``path``, ``row`` and the options above.
     """
 
     sample: str
@@ -57,6 +139,24 @@ class SampleRow:
     path: Path
     row: int
     extra: dict[str, str] = field(default_factory=dict)
+    counts_layer: str | None = None
+    symbol_column: str | None = None
+    libraries: tuple[LibraryRow, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.libraries:
+            only = LibraryRow("", self.path, self.row, self.counts_layer, self.symbol_column)
+            object.__setattr__(self, "libraries", (only,))
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The counts files of every library, in sheet order."""
+        return tuple(lib.path for lib in self.libraries)
+
+    @property
+    def lines(self) -> tuple[int, ...]:
+        """The sheet lines of every library."""
+        return tuple(lib.row for lib in self.libraries)
 
 
 @dataclass(frozen=True)
@@ -70,12 +170,16 @@ class SampleSheet:
     rows
         The samples, in sheet order.
     extra_columns
-        Names of the columns beyond ``sample, donor, timepoint, path``, in sheet order.
+        Names of the columns carried into ``obs`` (beyond ``sample, donor,
+        timepoint, path`` and the :data:`OPTION_COLUMNS`), in sheet order.
+    option_columns
+        The :data:`OPTION_COLUMNS` the sheet has.
     """
 
     path: Path
     rows: tuple[SampleRow, ...]
     extra_columns: tuple[str, ...]
+    option_columns: tuple[str, ...] = ()
 
     @property
     def samples(self) -> tuple[str, ...]:
@@ -95,21 +199,26 @@ class SampleSheet:
 
         Returns
         -------
-        One row per sample with columns ``sample, donor, timepoint, path``
-        (absolute, as str), ``row`` (line number) and the extra columns.
+        One row per line (library) with columns ``sample, donor, timepoint,
+        path`` (absolute, as str), ``row`` (line number), the option columns
+        the sheet has (empty when unset) and the extra columns.
         """
         records = [
             {
                 keys.SAMPLE: r.sample,
                 keys.DONOR: r.donor,
                 keys.TIMEPOINT: r.timepoint,
-                "path": str(r.path),
-                "row": r.row,
+                "path": str(lib.path),
+                "row": lib.row,
+                LIBRARY: lib.library,
+                COUNTS_LAYER: lib.counts_layer or "",
+                SYMBOL_COLUMN: lib.symbol_column or "",
                 **r.extra,
             }
             for r in self.rows
+            for lib in r.libraries
         ]
-        columns = [*keys.SHEET_REQUIRED, "row", *self.extra_columns]
+        columns = [*keys.SHEET_REQUIRED, "row", *self.option_columns, *self.extra_columns]
         return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -191,6 +300,78 @@ def _header(table: pd.DataFrame, where: str) -> tuple[list[str], list[int]]:
     return names, kept
 
 
+@dataclass
+class _Sample:
+    """The lines of one sample while the sheet is read."""
+
+    donor: str
+    timepoint: str
+    extra: dict[str, str]
+    libraries: list[LibraryRow]
+
+
+_REPLICATE_HINT = (
+    "keep one sample per donor and timepoint: if the lines are libraries (10x lanes / GEM "
+    "wells) of one sample, give them the same sample id and a distinct value in a 'library' "
+    "column; otherwise merge or drop replicates"
+)
+
+
+def _library_problems(
+    line: int,
+    sample: str,
+    library: str,
+    donor: str,
+    timepoint: str,
+    counts_path: Path,
+    extra: dict[str, str],
+    first: _Sample,
+    has_library_column: bool,
+) -> list[str]:
+    """Why a line cannot be another library of ``sample`` (empty when it can)."""
+    other = first.libraries[0].row
+    if not has_library_column:
+        return [
+            f"line {line}, column 'sample': sample {sample!r} is already on line {other}; "
+            "sample ids must be unique (if both lines are libraries, e.g. 10x lanes or GEM "
+            "wells, of one sample, add a 'library' column with a distinct value on each line)"
+        ]
+    unnamed = [lib.row for lib in first.libraries if not lib.library]
+    if not library or unnamed:
+        where = line if not library else unnamed[0]
+        return [
+            f"line {where}, column 'library': empty, but sample {sample!r} has several lines "
+            f"({other} and {line}); the lines of one sample are its libraries and each needs a "
+            "distinct library value (or give the lines different sample ids)"
+        ]
+    problems = []
+    same = [lib.row for lib in first.libraries if lib.library == library]
+    if same:
+        problems.append(
+            f"line {line}, column 'library': library {library!r} of sample {sample!r} is already "
+            f"on line {same[0]}; give each library of a sample a distinct name"
+        )
+    for column, value, expected in (
+        (keys.DONOR, donor, first.donor),
+        (keys.TIMEPOINT, timepoint, first.timepoint),
+        *((c, extra[c], first.extra[c]) for c in extra),
+    ):
+        if value != expected:
+            problems.append(
+                f"line {line}, column {column!r}: {value!r} differs from {expected!r} on line "
+                f"{other} (same sample {sample!r}); the libraries of a sample share its donor, "
+                "timepoint and extra values: fix the value, or give the line its own sample id"
+            )
+    same_file = [lib.row for lib in first.libraries if lib.path == counts_path]
+    if same_file:
+        problems.append(
+            f"line {line}, column 'path': library {library!r} reads {counts_path}, like line "
+            f"{same_file[0]} of the same sample {sample!r}; each library is a different file "
+            "(its cells would be counted twice)"
+        )
+    return problems
+
+
 def read_samplesheet(
     path: Path, design: DesignConfig, ingest: IngestConfig, *, check_paths: bool = True
 ) -> SampleSheet:
@@ -199,7 +380,8 @@ def read_samplesheet(
     Parameters
     ----------
     path
-        CSV file with the columns ``sample, donor, timepoint, path`` and any extras.
+        CSV file with the columns ``sample, donor, timepoint, path``, optionally
+        ``library``, ``counts_layer``, ``symbol_column``, and any extras.
     design
         Gives the allowed timepoint levels and the baseline level.
     ingest
@@ -210,16 +392,20 @@ def read_samplesheet(
 
     Returns
     -------
-    The validated :class:`SampleSheet`.
+    The validated :class:`SampleSheet`: one :class:`SampleRow` per sample id
+    (several lines of one sample with distinct ``library`` values become its
+    :attr:`SampleRow.libraries`).
 
     Raises
     ------
     SampleSheetError
         The sheet is missing, unreadable, not CSV, or lacks a required column;
         a column name repeats; there are no samples; or lines have an empty
-        required value, a repeated or unsafe sample id, a missing path, an
-        unknown timepoint, or a repeated (donor, timepoint). Every problem is
-        named with its line and column.
+        required value, a repeated sample id (without distinct ``library``
+        values), an unsafe sample or library id, a missing path, an unknown
+        timepoint, or a repeated (donor, timepoint); the libraries of one
+        sample differ in donor, timepoint or extra values, or repeat a file.
+        Every problem is named with its line and column.
 
     Warns
     -----
@@ -231,11 +417,14 @@ def read_samplesheet(
     where = f"sample sheet {path}"
     table = _read_table(path)
     names, kept = _header(table, where)
-    extra_columns = tuple(n for n in names if n not in keys.SHEET_REQUIRED)
+    option_columns = tuple(c for c in OPTION_COLUMNS if c in names)
+    extra_columns = tuple(
+        n for n in names if n not in keys.SHEET_REQUIRED and n not in OPTION_COLUMNS
+    )
+    has_library_column = LIBRARY in names
 
     problems: list[str] = []
-    rows: list[SampleRow] = []
-    by_sample: dict[str, int] = {}
+    samples: dict[str, _Sample] = {}
     by_visit: dict[tuple[str, str], tuple[str, int]] = {}
     by_path: dict[Path, tuple[str, int]] = {}
     shared_files: list[str] = []
@@ -251,6 +440,8 @@ def read_samplesheet(
         if empty:
             continue
         sample, donor, timepoint = values[keys.SAMPLE], values[keys.DONOR], values[keys.TIMEPOINT]
+        library = values.get(LIBRARY, "")
+        extra = {c: values[c] for c in extra_columns}
         ok = True
         if not _SAFE_ID.fullmatch(sample):
             problems.append(
@@ -258,30 +449,19 @@ def read_samplesheet(
                 "a file name, so use only letters, digits, '.', '_' and '-', not starting with '.'"
             )
             ok = False
-        if sample in by_sample:
+        if library and not _SAFE_ID.fullmatch(library):
             problems.append(
-                f"line {line}, column 'sample': sample {sample!r} is already on line "
-                f"{by_sample[sample]}; sample ids must be unique"
+                f"line {line}, column 'library': {library!r} is not a safe library id; it becomes "
+                "part of cell ids, so use only letters, digits, '.', '_' and '-', not starting "
+                "with '.'"
             )
             ok = False
-        else:
-            by_sample[sample] = line
         if timepoint not in design.timepoints:
             problems.append(
                 f"line {line}, column 'timepoint': {timepoint!r} is not a timepoint level; "
                 f"allowed: {allowed} (set by design.timepoints in the config)"
             )
             ok = False
-        elif (donor, timepoint) in by_visit:
-            other, other_line = by_visit[(donor, timepoint)]
-            problems.append(
-                f"line {line}, columns 'donor'/'timepoint': donor {donor!r} at {timepoint!r} "
-                f"already has sample {other!r} (line {other_line}), so sample {sample!r} repeats "
-                "it; keep one sample per donor and timepoint (merge or drop replicates)"
-            )
-            ok = False
-        else:
-            by_visit[(donor, timepoint)] = (sample, line)
         raw = Path(values["path"]).expanduser()
         counts_path = (raw if raw.is_absolute() else path.parent / raw).resolve()
         if check_paths and not counts_path.exists():
@@ -290,24 +470,51 @@ def read_samplesheet(
                 f"(looked for {counts_path}); relative paths are relative to the sheet's directory"
             )
             ok = False
-        if counts_path in by_path:
+        first = samples.get(sample)
+        if first is not None:
+            found = _library_problems(
+                line,
+                sample,
+                library,
+                donor,
+                timepoint,
+                counts_path,
+                extra,
+                first,
+                has_library_column,
+            )
+            problems += found
+            ok = ok and not found
+        elif ok and (donor, timepoint) in by_visit:
+            other, other_line = by_visit[(donor, timepoint)]
+            problems.append(
+                f"line {line}, columns 'donor'/'timepoint': donor {donor!r} at {timepoint!r} "
+                f"already has sample {other!r} (line {other_line}), so sample {sample!r} repeats "
+                f"it; {_REPLICATE_HINT}"
+            )
+            ok = False
+        elif ok:
+            by_visit[(donor, timepoint)] = (sample, line)
+        if counts_path in by_path and by_path[counts_path][0] != sample:
             other, other_line = by_path[counts_path]
             shared_files.append(
                 f"{sample!r} (line {line}) and {other!r} (line {other_line}) both read {counts_path}"
             )
-        else:
+        elif counts_path not in by_path:
             by_path[counts_path] = (sample, line)
-        if ok:
-            rows.append(
-                SampleRow(
-                    sample=sample,
-                    donor=donor,
-                    timepoint=timepoint,
-                    path=counts_path,
-                    row=line,
-                    extra={c: values[c] for c in extra_columns},
-                )
-            )
+        if not ok:
+            continue
+        lib = LibraryRow(
+            library=library,
+            path=counts_path,
+            row=line,
+            counts_layer=values.get(COUNTS_LAYER) or None,
+            symbol_column=values.get(SYMBOL_COLUMN) or None,
+        )
+        if first is None:
+            samples[sample] = _Sample(donor, timepoint, extra, [lib])
+        else:
+            first.libraries.append(lib)
 
     if problems:
         shown = problems[:_MAX_LISTED]
@@ -318,7 +525,7 @@ def read_samplesheet(
             + (f"\n  - ... and {more} more" if more else "")
             + "\nFix these lines, then run again."
         )
-    if not rows:
+    if not samples:
         raise SampleSheetError(
             f"{where} lists no samples; add one line per sample below the header "
             f"'{','.join(names)}'"
@@ -330,11 +537,25 @@ def read_samplesheet(
             ImmuneageWarning,
             stacklevel=2,
         )
+    rows = [
+        SampleRow(
+            sample=sample,
+            donor=s.donor,
+            timepoint=s.timepoint,
+            path=s.libraries[0].path,
+            row=s.libraries[0].row,
+            extra=s.extra,
+            counts_layer=s.libraries[0].counts_layer,
+            symbol_column=s.libraries[0].symbol_column,
+            libraries=tuple(s.libraries),
+        )
+        for sample, s in samples.items()
+    ]
 
     with_baseline = {r.donor for r in rows if r.timepoint == design.baseline}
     lacking = [d for d in dict.fromkeys(r.donor for r in rows) if d not in with_baseline]
     if lacking:
-        lines = {d: [r.row for r in rows if r.donor == d] for d in lacking}
+        lines = {d: [n for r in rows if r.donor == d for n in r.lines] for d in lacking}
         listed = ", ".join(f"{d!r} (line(s) {', '.join(map(str, lines[d]))})" for d in lacking)
         if ingest.missing_baseline == "error":
             raise SampleSheetError(
@@ -348,4 +569,6 @@ def read_samplesheet(
             ImmuneageWarning,
             stacklevel=2,
         )
-    return SampleSheet(path=path, rows=tuple(rows), extra_columns=extra_columns)
+    return SampleSheet(
+        path=path, rows=tuple(rows), extra_columns=extra_columns, option_columns=option_columns
+    )

@@ -2,14 +2,23 @@
 
 Pure functions: they read the users' counts files (read-only) but write
 nothing; the runner saves the result and records provenance.
+
+A sample made of several libraries (sheet lines sharing a ``sample`` id with
+distinct ``library`` values: 10x lanes or GEM wells of one donor x timepoint)
+is read library by library and concatenated into one sample; its cell ids are
+``<sample>:<library>:<barcode>`` because barcodes repeat across libraries.
+Every other sample keeps ``<sample>:<barcode>``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -19,27 +28,105 @@ from .. import keys
 from ..config import Config
 from ..errors import DataFileError, ImmuneageWarning, SampleSheetError
 from ..io.readers import detect_format, read_counts
-from ..io.samplesheet import SampleRow
+from ..io.samplesheet import LIBRARY, LibraryRow, SampleRow, SampleSheet
 from ._base import StageResult
 
-__all__ = ["ingest_sample", "ingest_table", "merge_samples", "run_ingest_merge"]
+__all__ = [
+    "READ_FIELDS",
+    "TITLE_CASE_SHARE",
+    "SpeciesEvidence",
+    "check_gene_content",
+    "ingest_sample",
+    "ingest_table",
+    "merge_obsm",
+    "merge_samples",
+    "merge_var",
+    "run_ingest_merge",
+    "species_evidence",
+]
 
-_OBS_WRITTEN = (keys.SAMPLE, keys.DONOR, keys.TIMEPOINT, keys.BARCODE)
+log = logging.getLogger("immuneage")
+
+_OBS_WRITTEN = (keys.SAMPLE, keys.DONOR, keys.TIMEPOINT, keys.BARCODE, LIBRARY)
+#: Fields of the readers' ``uns["immuneage"]["read"]`` record kept per sample
+#: (in ``uns["immuneage"]["ingest"]["read"]`` and ``tables/ingest_samples.tsv``).
+READ_FIELDS = ("file", "counts_source", "symbols_from", "raw_matrix", "other_features")
+_JOIN = "; "  # joins the values of a sample's libraries
 
 
 def _timepoint_categorical(values: Sequence[str] | pd.Series, cfg: Config) -> pd.Categorical:
     return pd.Categorical(values, categories=list(cfg.design.timepoints), ordered=True)
 
 
+def _text(value: Any) -> str:
+    """A read-record value as one string (lists comma-joined, missing as "")."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple | np.ndarray | pd.Index):
+        return ", ".join(_text(v) for v in value)
+    return str(value)
+
+
+def _read_library(row: SampleRow, lib: LibraryRow, cfg: Config) -> AnnData:
+    """Read one library of ``row`` and give its cells the sheet's metadata."""
+    adata = read_counts(lib.path, sample=row.sample, **lib.reader_options(cfg.ingest))
+    record = dict(adata.uns.get(keys.UNS, {}).get("read", {}))
+    fmt = str(record.get("format") or detect_format(lib.path, sample=row.sample))
+    several = len(row.libraries) > 1
+    named = any(x.library for x in row.libraries)
+    n = adata.n_obs
+    barcodes = adata.obs[keys.BARCODE].astype(str).to_numpy()
+    prefix = f"{row.sample}:{lib.library}:" if several else f"{row.sample}:"
+    obs = pd.DataFrame(
+        {
+            keys.SAMPLE: pd.Categorical([row.sample] * n),
+            keys.DONOR: pd.Categorical([row.donor] * n),
+            keys.TIMEPOINT: _timepoint_categorical([row.timepoint] * n, cfg),
+            keys.BARCODE: barcodes,
+        },
+        index=pd.Index([prefix + b for b in barcodes]),
+    )
+    if named:
+        obs[LIBRARY] = pd.Categorical([lib.library] * n)
+    for column, value in row.extra.items():
+        obs[column] = pd.Categorical([str(value)] * n)
+    obsm = {
+        k: (v.set_axis(obs.index) if isinstance(v, pd.DataFrame) else v)
+        for k, v in adata.obsm.items()
+    }
+    counts = adata.layers.get(keys.COUNTS, adata.X)
+    out = AnnData(X=counts, obs=obs, var=adata.var.copy(), obsm=obsm)
+    out.layers[keys.COUNTS] = out.X
+    record.setdefault("file", str(lib.path))
+    read = {f: _text(record.get(f)) for f in READ_FIELDS}
+    out.uns[keys.UNS] = {"library": {"source": str(lib.path), "format": fmt, "read": read}}
+    log.info(
+        "sample %s%s: read %s (%s; counts from %s; symbols from %s%s)",
+        row.sample,
+        f", library {lib.library}" if lib.library else "",
+        read["file"],
+        fmt,
+        read["counts_source"] or "the reader's default",
+        read["symbols_from"] or "the reader's default",
+        f"; other features: {read['other_features']}" if read["other_features"] else "",
+    )
+    return out
+
+
 def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
-    """Read one sample and annotate its cells with the sheet's metadata.
+    """Read one sample (every library of it) and annotate its cells with the sheet's metadata.
 
     Parameters
     ----------
     row
-        The sample's sheet line.
+        The sample's sheet line(s): one library, or several (``row.libraries``)
+        that are read one by one and concatenated.
     cfg
-        Run configuration (``design.timepoints``, ``ingest.min_cells_per_sample``).
+        Run configuration (``design.timepoints``, ``ingest.min_cells_per_sample``,
+        ``ingest.counts_layer``, ``ingest.symbol_column``, ``ingest.gene_policy``
+        for libraries whose genes differ).
 
     Returns
     -------
@@ -47,26 +134,40 @@ def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
     ``layers["counts"]`` the same CSR float32 counts), plus
 
     ``obs_names``
-        ``"<sample>:<barcode>"``.
+        ``"<sample>:<barcode>"``; ``"<sample>:<library>:<barcode>"`` when the
+        sample has several libraries.
     ``obs["sample"]``, ``obs["donor"]``
         Categoricals of the sheet values.
     ``obs["timepoint"]``
         Ordered categorical with the categories ``design.timepoints``.
     ``obs["barcode"]``
         The file's barcode.
+    ``obs["library"]``
+        The sheet's ``library`` value, when the sample's line(s) name one.
     ``obs[<extra column>]``
         Each extra sheet column, categorical of strings.
+    ``obsm[<feature type>]``
+        What the reader put there (e.g. ``obsm["antibody_capture"]``), the
+        libraries' tables merged as in :func:`merge_obsm`.
     ``uns["immuneage"]["ingest"]``
-        ``{"sample", "source", "format"}``.
+        ``{"sample", "source", "format", "libraries", "read"}``: ``read`` holds
+        :data:`READ_FIELDS` from the reader's ``uns["immuneage"]["read"]`` as
+        strings; a sample's several libraries are joined with ``"; "`` in
+        sheet order (``libraries``: their names, ``""`` when unnamed).
 
     Raises
     ------
     DataFileError
-        The file cannot be used (see :func:`~pipeline.io.readers.read_counts`)
-        or has fewer than ``ingest.min_cells_per_sample`` cells.
+        A file cannot be used (see :func:`~pipeline.io.readers.read_counts`),
+        or the sample has fewer than ``ingest.min_cells_per_sample`` cells.
     SampleSheetError
         The row's timepoint is not a ``design.timepoints`` level, or an extra
         column would overwrite a column ingest writes.
+
+    Warns
+    -----
+    ImmuneageWarning
+        The libraries of the sample have different genes.
     """
     if row.timepoint not in cfg.design.timepoints:
         raise SampleSheetError(
@@ -79,33 +180,60 @@ def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
             f"sample {row.sample!r} (sheet line {row.row}): the extra column(s) "
             f"{', '.join(map(repr, clash))} would overwrite obs columns ingest writes; rename them"
         )
-    adata = read_counts(row.path, sample=row.sample)
-    fmt = detect_format(row.path, sample=row.sample)
+    parts = [_read_library(row, lib, cfg) for lib in row.libraries]
+    adata = parts[0] if len(parts) == 1 else _concat_libraries(row, parts, cfg)
     minimum = cfg.ingest.min_cells_per_sample
     if adata.n_obs < minimum:
+        files = ", ".join(map(str, row.paths))
         raise DataFileError(
-            f"counts file {row.path} (sample {row.sample!r}) has {adata.n_obs} cells, fewer than "
+            f"counts file {files} (sample {row.sample!r}) has {adata.n_obs} cells, fewer than "
             f"ingest.min_cells_per_sample ({minimum}); drop the sample from the sheet or lower "
             "ingest.min_cells_per_sample"
         )
-    n = adata.n_obs
-    barcodes = adata.obs[keys.BARCODE].astype(str).to_numpy()
-    obs = pd.DataFrame(
-        {
-            keys.SAMPLE: pd.Categorical([row.sample] * n),
-            keys.DONOR: pd.Categorical([row.donor] * n),
-            keys.TIMEPOINT: _timepoint_categorical([row.timepoint] * n, cfg),
-            keys.BARCODE: barcodes,
-        },
-        index=pd.Index([f"{row.sample}:{b}" for b in barcodes]),
-    )
-    for column, value in row.extra.items():
-        obs[column] = pd.Categorical([str(value)] * n)
-    adata.obs = obs
+    infos = [p.uns[keys.UNS]["library"] for p in parts]
     adata.uns[keys.UNS] = {
-        "ingest": {"sample": row.sample, "source": str(row.path), "format": fmt},
+        "ingest": {
+            "sample": row.sample,
+            "source": _JOIN.join(i["source"] for i in infos),
+            "format": _JOIN.join(dict.fromkeys(i["format"] for i in infos)),
+            "libraries": _JOIN.join(lib.library for lib in row.libraries),
+            "read": {f: _JOIN.join(i["read"][f] for i in infos) for f in READ_FIELDS},
+        },
     }
     return adata
+
+
+def _concat_libraries(row: SampleRow, parts: list[AnnData], cfg: Config) -> AnnData:
+    """One AnnData of a sample's libraries, cells stacked in sheet order."""
+    policy = cfg.ingest.gene_policy
+    order, _ = _gene_order([p.var_names for p in parts], policy)
+    if any(not p.var_names.equals(parts[0].var_names) for p in parts[1:]):
+        libs = ", ".join(repr(lib.library) for lib in row.libraries)
+        warnings.warn(
+            f"sample {row.sample!r}: its libraries ({libs}) do not have the same genes "
+            f"(quantified against different references?); gene_policy {policy!r} keeps "
+            f"{len(order)} genes for the sample",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
+    x = sp.vstack(
+        [_remap_columns(p.X, order.get_indexer(p.var_names), len(order)) for p in parts],
+        format="csr",
+    )
+    obs = pd.concat([p.obs for p in parts], axis=0)
+    for column in obs.columns:
+        if column == keys.TIMEPOINT:
+            obs[column] = _timepoint_categorical(obs[column].astype(str), cfg)
+        elif column != keys.BARCODE:
+            obs[column] = pd.Categorical(obs[column].astype(str))
+    out = AnnData(
+        X=x,
+        obs=obs,
+        var=merge_var([p.var for p in parts], order),
+        obsm=merge_obsm(parts, obs.index),
+    )
+    out.layers[keys.COUNTS] = out.X
+    return out
 
 
 def _sample_name(adata: AnnData, i: int) -> str:
@@ -117,11 +245,27 @@ def _sample_name(adata: AnnData, i: int) -> str:
     return f"#{i + 1}"
 
 
-def _counts(adata: AnnData) -> sp.csr_matrix:
-    x = adata.layers.get(keys.COUNTS, adata.X)
-    if isinstance(x, sp.csr_matrix) and x.dtype == np.float32:
-        return x
-    return sp.csr_matrix(x, dtype=np.float32)
+def _remap_columns(x: Any, col_map: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """CSR float32 ``x`` with column ``j`` moved to ``col_map[j]`` (dropped where -1)."""
+    x = sp.csr_matrix(x, dtype=np.float32)
+    new = np.asarray(col_map, dtype=np.int64)[x.indices]
+    keep = new >= 0
+    indptr = np.concatenate([[0], np.cumsum(keep)])[x.indptr]
+    out = sp.csr_matrix((x.data[keep], new[keep], indptr), shape=(x.shape[0], n_cols))
+    out.sort_indices()
+    return out
+
+
+def _gene_order(gene_sets: Sequence[pd.Index], policy: str) -> tuple[pd.Index, int]:
+    """Genes kept (inner: shared, first set's order; outer: union by first appearance)
+    and how many of the union are dropped."""
+    union = pd.Index(list(dict.fromkeys(g for genes in gene_sets for g in genes)))
+    if policy == "outer":
+        return union, 0
+    shared = gene_sets[0]
+    for genes in gene_sets[1:]:
+        shared = shared[shared.isin(genes)]  # keeps the first set's order
+    return shared, len(union) - len(shared)
 
 
 def _check_overlap(
@@ -149,6 +293,105 @@ def _check_overlap(
     )
 
 
+def _is_text(values: pd.Series) -> bool:
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        dtype = dtype.categories.dtype
+    return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+
+
+def merge_var(frames: Sequence[pd.DataFrame], order: pd.Index) -> pd.DataFrame:
+    """Merge the var tables of several samples into one, over the genes ``order``.
+
+    A column some samples have and others lack (gene ids, feature types,
+    genome, ...) is kept; for each gene its value comes from the first sample
+    that has a non-missing one (``""`` counts as missing in text columns).
+
+    Parameters
+    ----------
+    frames
+        The samples' ``var``, in sample order.
+    order
+        The merged genes.
+
+    Returns
+    -------
+    A DataFrame indexed by ``order`` with the union of the columns in order of
+    first appearance: text (object, string or categorical) columns as plain
+    ``str`` objects with ``""`` where no sample has a value; boolean columns
+    as ``bool`` (pandas ``boolean`` when a value is missing); integer columns
+    as their dtype (``Int64`` when missing); other numbers as ``float64`` with NaN.
+    Every column is one anndata writes and reads back.
+    """
+    out = pd.DataFrame(index=order)
+    columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+    for column in columns:
+        having = [f[column] for f in frames if column in f.columns]
+        text = any(_is_text(s) for s in having)
+        parts = []
+        for s in having:
+            s = s.astype(object) if text or isinstance(s.dtype, pd.CategoricalDtype) else s
+            missing = s.isna() | (s.astype(str) == "") if text else s.isna()
+            parts.append(s[~missing])
+        stacked = pd.concat(parts) if parts else pd.Series(dtype=object)
+        stacked = stacked[~stacked.index.duplicated(keep="first")]
+        values = stacked.reindex(order)
+        complete = bool(values.notna().all())
+        if text:
+            out[column] = np.asarray([str(v) if pd.notna(v) else "" for v in values], dtype=object)
+        elif all(pd.api.types.is_bool_dtype(s.dtype) for s in having):
+            out[column] = values.astype(bool if complete else "boolean")
+        elif all(pd.api.types.is_integer_dtype(s.dtype) for s in having):
+            out[column] = values.astype(having[0].dtype if complete else "Int64")
+        else:
+            out[column] = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    return out
+
+
+def merge_obsm(adatas: Sequence[AnnData], obs_names: pd.Index) -> dict[str, Any]:
+    """Merge per-cell tables of other modalities (e.g. ``obsm["antibody_capture"]``).
+
+    Each ``obsm`` entry becomes one DataFrame over all cells: its columns the
+    union of the samples' columns (feature names, order of first appearance),
+    0 where a sample lacks a column, and rows of 0 for samples without the
+    entry. Arrays are taken as tables with columns ``"0"``, ``"1"``, ...
+
+    Parameters
+    ----------
+    adatas
+        The samples, in the order their cells are stacked.
+    obs_names
+        The stacked cell ids (the merged table's index).
+
+    Returns
+    -------
+    ``{key: DataFrame}``; numeric tables are ``float32``.
+    """
+    out: dict[str, Any] = {}
+    entries = list(dict.fromkeys(k for a in adatas for k in a.obsm))
+    for key in entries:
+        frames = []
+        for a in adatas:
+            value = a.obsm.get(key)
+            if value is None:
+                frame = pd.DataFrame(index=a.obs_names)
+            elif isinstance(value, pd.DataFrame):
+                frame = value.copy()
+            else:
+                dense = value.toarray() if sp.issparse(value) else np.asarray(value)
+                frame = pd.DataFrame(dense.reshape(a.n_obs, -1))
+            frame.columns = frame.columns.astype(str)
+            frame.index = a.obs_names
+            frames.append(frame)
+        columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+        table = pd.concat([f.reindex(columns=columns, fill_value=0) for f in frames], axis=0)
+        table.index = obs_names
+        if all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+            table = table.astype(np.float32)
+        out[key] = table
+    return out
+
+
 def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
     """Concatenate ingested samples (cells stacked in the given order).
 
@@ -165,15 +408,21 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
     One AnnData with
 
     ``X``, ``layers["counts"]``
-        The same CSR float32 counts matrix. Genes: with ``gene_policy: inner``
+        The same CSR float32 counts matrix (with ``backed: true`` and on-disk
+        samples, a lazy stack of them). Genes: with ``gene_policy: inner``
         those every sample has, in the first sample's order; with ``outer``
         the union in order of first appearance (0 where a sample lacks a gene).
     ``obs``
         The samples' obs: ``sample`` categorical in the given order,
-        ``timepoint`` ordered with ``design.timepoints``, ``donor`` and extra
-        columns categorical in order of first appearance, ``barcode``.
-    ``var["gene_ids"]``, ``var["gene_symbol_original"]``
-        From the first sample that has the gene.
+        ``timepoint`` ordered with ``design.timepoints``, ``donor``,
+        ``library`` and extra columns categorical in order of first appearance
+        (missing for samples without them), ``barcode``.
+    ``var``
+        Every var column any sample has (``gene_ids``,
+        ``gene_symbol_original``, feature types, genome, ...), per gene from
+        the first sample with a value; see :func:`merge_var`.
+    ``obsm``
+        Other modalities' per-cell tables, see :func:`merge_obsm`.
     ``uns["immuneage"]["ingest"]``
         ``{"gene_policy", "n_samples", "n_cells_per_sample", "n_genes", "genes_dropped"}``.
 
@@ -198,59 +447,37 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
     policy = cfg.ingest.gene_policy
     names = [_sample_name(a, i) for i, a in enumerate(adatas)]
     gene_sets = [a.var_names for a in adatas]
-
-    first_seen = pd.concat([a.var for a in adatas], axis=0)
-    first_seen = first_seen[~first_seen.index.duplicated(keep="first")]
-    shared = gene_sets[0]
-    for genes in gene_sets[1:]:
-        shared = shared[shared.isin(genes)]  # keeps the first sample's order
+    order, dropped = _gene_order(gene_sets, policy)
     if policy == "inner":
-        _check_overlap(list(gene_sets), names, len(shared), cfg.ingest.min_shared_genes)
-        order = shared
-        dropped = len(first_seen) - len(shared)
+        _check_overlap(list(gene_sets), names, len(order), cfg.ingest.min_shared_genes)
         if dropped:
             warnings.warn(
                 f"gene_policy 'inner' drops {dropped} gene(s) that not every sample has, keeping "
-                f"the {len(shared)} shared by all {len(adatas)} samples; set "
+                f"the {len(order)} shared by all {len(adatas)} samples; set "
                 "ingest.gene_policy: outer to keep the union",
                 ImmuneageWarning,
                 stacklevel=2,
             )
-    else:
-        order = first_seen.index
-        dropped = 0
 
     obs = pd.concat([a.obs for a in adatas], axis=0)
     if obs.index.has_duplicates:
         dup = obs.index[obs.index.duplicated()][:5].tolist()
         raise ValueError(f"samples share cell names (e.g. {dup}); is a sample given twice?")
+    col_maps = [order.get_indexer(a.var_names) for a in adatas]
     if any(is_row_source(a.layers.get(keys.COUNTS, a.X)) for a in adatas):
         # backed mode: the samples stay on disk; the cohort matrix is a lazy stack
         # of them in the cohort's gene order, written block by block by the runner
         x = StackedRows(
-            [a.layers.get(keys.COUNTS, a.X) for a in adatas],
-            [order.get_indexer(a.var_names) for a in adatas],
-            len(order),
-            dtype=np.float32,
+            [a.layers.get(keys.COUNTS, a.X) for a in adatas], col_maps, len(order), np.float32
         )
     else:
-        parts = [
-            AnnData(
-                X=_counts(a),
-                obs=pd.DataFrame(index=a.obs_names),
-                var=pd.DataFrame(index=a.var_names),
-            )
-            for a in adatas
-        ]
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*names are not unique", category=UserWarning
-            )
-            merged = anndata.concat(parts, join=policy)
-        x = merged.X
-        if not merged.var_names.equals(order):
-            x = x[:, merged.var_names.get_indexer(order)]
-        x = sp.csr_matrix(x, dtype=np.float32)
+        x = sp.vstack(
+            [
+                _remap_columns(a.layers.get(keys.COUNTS, a.X), m, len(order))
+                for a, m in zip(adatas, col_maps, strict=True)
+            ],
+            format="csr",
+        )
 
     for column in obs.columns:
         values = obs[column]
@@ -266,9 +493,13 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
             obs[column] = pd.Categorical(
                 [None if v is None else str(v) for v in filled], categories=cats
             )
-    var = first_seen.reindex(order)
 
-    result = AnnData(X=x, obs=obs, var=var)
+    result = AnnData(
+        X=x,
+        obs=obs,
+        var=merge_var([a.var for a in adatas], order),
+        obsm=merge_obsm(adatas, obs.index),
+    )
     result.layers[keys.COUNTS] = result.X
     result.uns[keys.UNS] = {
         "ingest": {
@@ -283,10 +514,17 @@ def merge_samples(adatas: Sequence[AnnData], cfg: Config) -> AnnData:
 
 
 def ingest_table(adatas: Sequence[AnnData]) -> pd.DataFrame:
-    """One row per sample: sample, donor, timepoint, format, cells, genes and source path."""
+    """One row per sample: what was read and how (``tables/ingest_samples.tsv``).
+
+    Columns: ``sample, donor, timepoint, format, n_cells, n_genes, source``,
+    the reader's record (:data:`READ_FIELDS`: ``file, counts_source,
+    symbols_from, raw_matrix, other_features``) and ``libraries``; a sample's
+    several libraries are joined with ``"; "`` in sheet order.
+    """
     rows = []
     for a in adatas:
         info = a.uns[keys.UNS]["ingest"]
+        read = info.get("read", {})
         rows.append(
             {
                 keys.SAMPLE: info["sample"],
@@ -296,6 +534,8 @@ def ingest_table(adatas: Sequence[AnnData]) -> pd.DataFrame:
                 "n_cells": int(a.n_obs),
                 "n_genes": int(a.n_vars),
                 "source": info["source"],
+                **{f: _text(read.get(f, "")) for f in READ_FIELDS},
+                "libraries": _text(info.get("libraries", "")),
             }
         )
     return pd.DataFrame(rows)
@@ -304,3 +544,210 @@ def ingest_table(adatas: Sequence[AnnData]) -> pd.DataFrame:
 def run_ingest_merge(adatas: Sequence[AnnData], cfg: Config) -> StageResult:
     """The ingest stage's merge step: :func:`merge_samples` plus ``tables/ingest_samples.tsv``."""
     return StageResult(merge_samples(adatas, cfg), {"ingest_samples": ingest_table(adatas)})
+
+
+# --------------------------------------------------------------------------- checks before compute
+
+#: A sample whose gene symbols are at least this share title-case (``Cd3e``) looks non-human.
+TITLE_CASE_SHARE = 0.5
+_TITLE_CASE = re.compile(r"^[A-Z][a-z0-9]*[a-z][a-z0-9.-]*$")  # Cd3e, Lyz2, Gm12345; not CD3E
+_HAS_LETTER = re.compile(r"[A-Za-z]")
+_N_LISTED = 5
+
+
+@dataclass(frozen=True)
+class SpeciesEvidence:
+    """What a sample's gene names say about its species (:func:`species_evidence`).
+
+    Attributes
+    ----------
+    title_case_share
+        Share of symbols (names with a letter, Ensembl ids left out) written
+        in title case, like mouse symbols (``Cd3e``, ``Lyz2``).
+    examples
+        A few of those title-case symbols.
+    n_mt_lower
+        Genes starting with ``mt-`` (mouse mitochondrial genes).
+    n_human_mt
+        Genes starting with ``MT-`` (human mitochondrial genes).
+    n_mouse_ids
+        Names that are mouse Ensembl ids (``ENSMUSG...``).
+    """
+
+    title_case_share: float
+    examples: tuple[str, ...]
+    n_mt_lower: int
+    n_human_mt: int
+    n_mouse_ids: int
+
+    @property
+    def non_human(self) -> bool:
+        """Whether the names look like mouse (or another non-human species)."""
+        return (
+            self.title_case_share >= TITLE_CASE_SHARE
+            or self.n_mouse_ids > 0
+            or (self.n_mt_lower > 0 and self.n_human_mt == 0)
+        )
+
+    def describe(self) -> str:
+        """The evidence in words."""
+        parts = []
+        if self.title_case_share >= TITLE_CASE_SHARE:
+            shown = ", ".join(map(repr, self.examples))
+            parts.append(
+                f"{self.title_case_share:.0%} of the gene symbols are title-case (e.g. {shown})"
+            )
+        if self.n_mt_lower:
+            parts.append(f"{self.n_mt_lower} genes start with 'mt-'")
+        if self.n_mouse_ids:
+            parts.append(f"{self.n_mouse_ids} genes are mouse Ensembl ids (ENSMUSG...)")
+        return ", ".join(parts)
+
+
+def species_evidence(genes: Sequence[str]) -> SpeciesEvidence:
+    """Look at gene names for signs of a non-human species.
+
+    Parameters
+    ----------
+    genes
+        A sample's gene names (symbols as the readers return them).
+
+    Returns
+    -------
+    A :class:`SpeciesEvidence`.
+    """
+    names = [str(g) for g in genes]
+    mouse_ids = [g for g in names if g.startswith("ENSMUS")]
+    symbols = [g for g in names if _HAS_LETTER.search(g) and not g.startswith("ENS")]
+    title = [g for g in symbols if _TITLE_CASE.match(g)]
+    return SpeciesEvidence(
+        title_case_share=len(title) / len(symbols) if symbols else 0.0,
+        examples=tuple(title[:3]),
+        n_mt_lower=sum(g.startswith("mt-") for g in names),
+        n_human_mt=sum(g.startswith("MT-") for g in names),
+        n_mouse_ids=len(mouse_ids),
+    )
+
+
+def _listed(samples: Sequence[str], n_total: int) -> str:
+    shown = ", ".join(map(repr, samples[:_N_LISTED]))
+    more = f" and {len(samples) - _N_LISTED} more" if len(samples) > _N_LISTED else ""
+    return f"{len(samples)} of {n_total} sample(s) ({shown}{more})"
+
+
+def _prefix_warning(
+    what: str, prefixes: Sequence[str], sets: Mapping[str, set[str]], consequence: str, fix: str
+) -> str | None:
+    """A warning text when ``prefixes`` match no gene of some samples, else None."""
+    prefixes = tuple(prefixes)
+    if not prefixes:
+        return None
+    lacking = [s for s, genes in sets.items() if not any(g.startswith(prefixes) for g in genes)]
+    if not lacking:
+        return None
+    other_case = sorted(
+        {
+            g[: len(p)]
+            for s in lacking
+            for g in sets[s]
+            for p in prefixes
+            if g[: len(p)].lower() == p.lower() and not g.startswith(p)
+        }
+    )
+    if other_case:
+        hint = (
+            f"their genes start with {', '.join(map(repr, other_case))} instead (mouse-style "
+            f"symbols?): set {what} to that"
+        )
+    else:
+        hint = (
+            f"if the data are mouse, set {what} to {fix}; a targeted gene panel (or a file "
+            "subset to some genes) without these genes needs no change"
+        )
+    shown = prefixes[0] if len(prefixes) == 1 else list(prefixes)
+    verb = "matches" if len(prefixes) == 1 else "match"
+    return (
+        f"{what} {shown!r} {verb} no gene in {_listed(lacking, len(sets))}: {consequence}; {hint}"
+    )
+
+
+def check_gene_content(
+    sheet: SampleSheet, gene_sets: Sequence[Sequence[str]], cfg: Config
+) -> list[str]:
+    """Checks of the samples' genes before anything runs (``immuneage validate`` and ``run``).
+
+    Parameters
+    ----------
+    sheet
+        The validated sample sheet.
+    gene_sets
+        Per sample (in sheet order), its gene symbols (every library's).
+    cfg
+        Run configuration (``qc.mt_prefix``, ``qc.ribo_prefixes``,
+        ``ingest.species_check``).
+
+    Returns
+    -------
+    The warnings issued (also issued as :class:`~pipeline.errors.ImmuneageWarning`).
+
+    Raises
+    ------
+    DataFileError
+        Samples look non-human (title-case symbols, ``mt-`` genes, ENSMUS ids)
+        and ``ingest.species_check`` is ``"error"``: the shipped marker panel
+        and gene sets are human.
+
+    Warns
+    -----
+    ImmuneageWarning
+        ``qc.mt_prefix`` or every ``qc.ribo_prefixes`` entry matches no gene
+        of a sample; samples look non-human with ``species_check: warn``.
+    """
+    sets = {
+        row.sample: set(map(str, genes)) for row, genes in zip(sheet.rows, gene_sets, strict=True)
+    }
+    issued: list[str] = []
+    foreign = {}
+    for row in sheet.rows:
+        evidence = species_evidence(sorted(sets[row.sample]))
+        if evidence.non_human:
+            foreign[row.sample] = (row, evidence)
+    if foreign:
+        rows = [r for r, _ in foreign.values()]
+        first_row, first = next(iter(foreign.values()))
+        files = ", ".join(str(p) for p in first_row.paths)
+        text = (
+            f"{_listed([r.sample for r in rows], len(sheet.rows))} look like mouse (or another "
+            f"non-human species), not human: in sample {first_row.sample!r} ({files}) "
+            f"{first.describe()}. The shipped marker panel and gene sets are human: set "
+            "annotate.markers to a marker file in this species' symbols, score.genesets: [] "
+            "with your own sets in score.custom or score.gmt, and qc.mt_prefix: 'mt-' "
+            "(qc.ribo_prefixes: ['Rps', 'Rpl']) for mouse"
+        )
+        if cfg.ingest.species_check == "error":
+            raise DataFileError(
+                f"{text}; then set ingest.species_check: warn to run on it. If the data are "
+                "human, check the files' gene symbols (the sample sheet's symbol_column)."
+            )
+        issued.append(f"{text} (going on: ingest.species_check is 'warn')")
+    qc = cfg.qc
+    mt = _prefix_warning(
+        "qc.mt_prefix",
+        [qc.mt_prefix],
+        sets,
+        "their % mitochondrial counts will be 0 and qc.max_pct_mt removes nothing",
+        "'mt-'",
+    )
+    ribo = _prefix_warning(
+        "qc.ribo_prefixes",
+        qc.ribo_prefixes,
+        sets,
+        "their % ribosomal counts will be 0",
+        "['Rps', 'Rpl']",
+    )
+    for text in (mt, ribo):
+        if text is not None:
+            issued.append(text)
+    for text in issued:
+        warnings.warn(text, ImmuneageWarning, stacklevel=2)
+    return issued
