@@ -14,6 +14,10 @@ ship in their wheels.
   these by resampling cells and binomial thinning of their counts, with a
   per-sample depth and a per-donor gene effect, so that the biology stays real
   while every sample differs like real samples do.
+* :func:`write_real_cohort`: such a pseudo-cohort written as real files in the
+  formats users bring (h5ad, 10x h5, 10x matrix directory), with a sample
+  sheet, for end-to-end runs of ``immuneage run``, and the cells' published
+  labels in a truth table beside it.
 
 These are for tests and benchmarks ("does it survive the world"); the planted
 truth lives in the demo cohort (:mod:`pipeline.datasets.demo`).
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -38,6 +43,7 @@ __all__ = [
     "pbmc68k_counts",
     "pseudo_cohort",
     "random_barcodes",
+    "write_real_cohort",
 ]
 
 _NUCLEOTIDES = np.array(list("ACGT"))
@@ -59,7 +65,9 @@ def pbmc68k_counts() -> AnnData:
     Returns
     -------
     AnnData of 700 cells x 765 genes: ``X`` CSR float32 integer counts,
-    ``obs["bulk_labels"]`` (the published FACS-sorted population of each cell)
+    ``obs["bulk_labels"]`` (the published label of each cell: Zheng et al.
+    gave each cell the FACS-sorted reference population whose profile it
+    correlated with best, so the labels are predictions, not sorting gates)
     and ``obs["n_counts"]`` (the cell's total UMI count in the full matrix, of
     which these 765 genes hold a part).
     """
@@ -243,8 +251,10 @@ def pseudo_cohort(
     k = 0
     for d in range(donors):
         donor = f"D{d + 1}"
+        # each entry's keep probability is capped at 1 (``_thin`` clips): dividing
+        # every factor by the largest one instead would lower the whole sample's
+        # depth by ~40% at donor_sd 0.15 (max of 765 factors ~ exp(3.1 sd))
         gene_factor = np.exp(rng.normal(0.0, donor_sd, size=counts.shape[1]))
-        gene_factor /= gene_factor.max() if gene_factor.max() > 1 / depth[1] else 1.0
         for tp in timepoints:
             n = sizes[k]
             k += 1
@@ -257,3 +267,164 @@ def pseudo_cohort(
             adata = AnnData(X=x, obs=obs, var=source.var.copy())
             out.append(PseudoSample(f"{donor}_{tp}", donor, tp, adata))
     return out
+
+
+#: Formats :func:`write_real_cohort` writes, as named in its ``formats`` argument.
+CohortFormat = Literal["h5ad", "10x_h5", "10x_mtx"]
+
+
+def _source_counts(source: str) -> AnnData:
+    if source == "pbmc68k":
+        return pbmc68k_counts()
+    if source == "celltypist":
+        a = celltypist_sample_counts()
+        a.obs["bulk_labels"] = "unlabelled"
+        return a
+    raise ValueError(f"source must be 'pbmc68k' or 'celltypist', not {source!r}")
+
+
+def write_real_cohort(
+    outdir: str | Path,
+    *,
+    source: Literal["pbmc68k", "celltypist"] = "pbmc68k",
+    donors: int = 3,
+    timepoints: tuple[str, ...] = ("baseline", "acute", "longterm"),
+    cells_per_sample: int | list[int] = 230,
+    formats: tuple[CohortFormat, ...] = ("h5ad", "10x_h5", "10x_mtx"),
+    depth: tuple[float, float] = (0.9, 1.0),
+    seed: int = 0,
+) -> Path:
+    """Write a longitudinal pseudo-cohort of real counts as real files and a sample sheet.
+
+    The samples come from :func:`pseudo_cohort` (cells resampled from
+    ``source`` and binomially thinned per sample and donor) and are written in
+    the formats users bring, rotating through ``formats`` and shifted by one
+    per donor, so one cohort mixes them and no format goes with a timepoint:
+
+    ``h5ad``
+        ``data/<sample>.h5ad`` as collaborators share them: integer counts in
+        ``layers["counts"]``, log1p(counts per 10,000) in ``X``, symbols as
+        ``var_names`` and *no* ``var["gene_ids"]``; ``obs`` has no labels.
+    ``10x_h5``
+        ``data/<sample>.h5``, Cell Ranger v3 ``.h5`` with real Ensembl ids
+        (:func:`gene_ids`, GENCODE v44) in ``features/id``.
+    ``10x_mtx``
+        ``data/<sample>_mtx/`` (gzipped ``matrix.mtx``, ``features.tsv``,
+        ``barcodes.tsv``), with the same real ids.
+
+    Parameters
+    ----------
+    outdir
+        Directory to write into (created if needed).
+    source
+        ``"pbmc68k"``: :func:`pbmc68k_counts`, 700 labelled PBMCs x 765 genes.
+        ``"celltypist"``: :func:`celltypist_sample_counts`, 559 unlabelled
+        (mostly myeloid) cells x 32,786 genes; its truth label is ``unlabelled``.
+    donors
+        Number of donors; their ids are numbers (``101``, ``102``, ...), as
+        sheets exported from Excel carry them.
+    timepoints
+        Timepoint levels, each sampled for every donor.
+    cells_per_sample
+        Cells per sample: one number or one per sample (donor-major order).
+        The default, 230 over 3 x 3 samples, gives ~2,000 cells, each sample
+        above the 200 cells scrublet needs (``qc.min_cells_for_doublets``).
+    formats
+        Formats to rotate through (``"h5ad"``, ``"10x_h5"``, ``"10x_mtx"``).
+    depth
+        Range of the per-sample thinning depth (:func:`pseudo_cohort`). The
+        default keeps 90-100% of the UMIs: ``pbmc68k_reduced`` holds only 765
+        genes, of which its cells detect ~240 (median), so deeper thinning
+        would push most of them under the 200-gene floor (``qc.min_genes``)
+        meant for whole-transcriptome matrices (at 0.7, half the cells).
+    seed
+        Seed of the sampling and thinning.
+
+    Returns
+    -------
+    The sample sheet, ``<outdir>/samplesheet.csv``: columns ``sample, donor,
+    timepoint, path, age`` (paths relative to the sheet; one age per donor).
+    Beside it, ``truth.tsv`` has one line per written cell: ``cell`` (the id
+    ingest gives it, ``<sample>:<barcode>``), ``sample``, ``donor``,
+    ``timepoint``, ``format``, ``source_cell`` (the cell of ``source`` it was
+    drawn from) and ``bulk_labels`` (its published label, see :func:`pbmc68k_counts`).
+    """
+    from ..io.write10x import write_10x_h5, write_10x_mtx
+
+    known = ("h5ad", "10x_h5", "10x_mtx")
+    bad = [f for f in formats if f not in known]
+    if bad or not formats:
+        raise ValueError(f"formats must be a non-empty tuple of {known}, not {formats!r}")
+    outdir = Path(outdir)
+    data = outdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    src = _source_counts(source)
+    src.obs["source_cell"] = src.obs_names.astype(str)
+    samples = pseudo_cohort(
+        src,
+        donors=donors,
+        timepoints=timepoints,
+        cells_per_sample=cells_per_sample,
+        depth=depth,
+        seed=seed,
+    )
+    ids = gene_ids(src.var_names)
+    ages = np.random.default_rng(seed).integers(20, 36, size=donors)
+    rows: list[dict[str, object]] = []
+    truth: list[pd.DataFrame] = []
+    for k, ps in enumerate(samples):
+        d = int(ps.donor.removeprefix("D"))
+        donor = str(100 + d)
+        sample = f"{donor}_{ps.timepoint}"
+        # a Latin square over donors x timepoints (3 x 3): no format goes with one
+        # timepoint or one donor, so a reader's quirk cannot pose as an effect
+        fmt = formats[(k + k // len(timepoints)) % len(formats)]
+        a = AnnData(
+            X=sp.csr_matrix(ps.adata.X, dtype=np.float32),
+            obs=pd.DataFrame(index=ps.adata.obs_names.astype(str)),
+            var=pd.DataFrame(index=src.var_names.astype(str)),
+        )
+        if fmt == "h5ad":
+            counts = a.X.copy()
+            total = np.asarray(counts.sum(axis=1)).ravel()
+            scale = sp.diags(1e4 / np.maximum(total, 1.0))
+            lognorm = sp.csr_matrix(scale @ counts, dtype=np.float32)
+            lognorm.data = np.log1p(lognorm.data)
+            a.X = lognorm
+            a.layers["counts"] = counts
+            rel = f"data/{sample}.h5ad"
+            a.write_h5ad(outdir / rel)
+        else:
+            a.var["gene_ids"] = ids
+            if fmt == "10x_h5":
+                rel = f"data/{sample}.h5"
+                write_10x_h5(a, outdir / rel)
+            else:
+                rel = f"data/{sample}_mtx"
+                write_10x_mtx(a, outdir / rel)
+        rows.append(
+            {
+                "sample": sample,
+                "donor": donor,
+                "timepoint": ps.timepoint,
+                "path": rel,
+                "age": int(ages[d - 1]),
+            }
+        )
+        truth.append(
+            pd.DataFrame(
+                {
+                    "cell": [f"{sample}:{b}" for b in a.obs_names],
+                    "sample": sample,
+                    "donor": donor,
+                    "timepoint": ps.timepoint,
+                    "format": fmt,
+                    "source_cell": ps.adata.obs["source_cell"].to_numpy(),
+                    "bulk_labels": ps.adata.obs["bulk_labels"].to_numpy(),
+                }
+            )
+        )
+    sheet = outdir / "samplesheet.csv"
+    pd.DataFrame(rows).to_csv(sheet, index=False)
+    pd.concat(truth, ignore_index=True).to_csv(outdir / "truth.tsv", sep="\t", index=False)
+    return sheet
