@@ -25,7 +25,9 @@ adds the folder layouts, the feature types and the v2 ``.h5``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -57,7 +59,24 @@ _MULTIPLEXING = ("CMO301", "CMO302", "CMO303")
 
 
 def _counts(adata: AnnData) -> sp.csr_matrix:
-    return sp.csr_matrix(adata.X, dtype=np.float32)
+    """A fresh CSR float32 copy of ``X`` with sorted indices.
+
+    Always a copy: :func:`~pipeline.io.write10x.write_10x_h5` sorts the indices
+    of the matrix it is given in place (without its data) when they are unsorted,
+    as in :func:`~pipeline.datasets.real.pbmc68k_counts`.
+    """
+    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    x.has_sorted_indices = False  # recompute: the flag can be stale
+    x.sort_indices()
+    return x
+
+
+@contextmanager
+def _repeated_names_expected() -> Iterator[None]:
+    """Silence anndata's duplicate-name warning where repeats are part of the shape."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+        yield
 
 
 def _feature_types(adata: AnnData) -> np.ndarray:
@@ -66,6 +85,7 @@ def _feature_types(adata: AnnData) -> np.ndarray:
     return np.full(adata.n_vars, _GEX, dtype=object)
 
 
+@_repeated_names_expected()
 def ambient_droplets(adata: AnnData, n: int, *, seed: int = 0, mean_umis: float = 3.0) -> AnnData:
     """Empty droplets: ``n`` barcodes holding a few UMIs drawn from the ambient profile.
 
@@ -100,6 +120,7 @@ def ambient_droplets(adata: AnnData, n: int, *, seed: int = 0, mean_umis: float 
     return AnnData(X=x, obs=pd.DataFrame(index=barcodes), var=adata.var.copy())
 
 
+@_repeated_names_expected()
 def _with_droplets(adata: AnnData, n: int, seed: int) -> AnnData:
     """Cells plus ``n`` empty droplets, sorted by barcode as Cell Ranger's raw matrix is."""
     drops = ambient_droplets(adata, n, seed=seed)
@@ -109,6 +130,7 @@ def _with_droplets(adata: AnnData, n: int, seed: int) -> AnnData:
     return AnnData(X=x[order], obs=pd.DataFrame(index=barcodes[order]), var=adata.var.copy())
 
 
+@_repeated_names_expected()
 def _write_10x(adata: AnnData, target: Path, kind: str) -> Path:
     """Write one 10x matrix (``kind``: ``"h5"``, ``"mtx"``, ``"h5_v2"``, ``"mtx_v2"``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +226,7 @@ def write_cellranger_outs(
     return outs
 
 
+@_repeated_names_expected()
 def write_cellranger_multi(
     samples: Mapping[str, AnnData],
     run_dir: str | Path,
@@ -345,13 +368,15 @@ def with_feature_barcoding(
         parts.append(sp.csr_matrix(counts.astype(np.float32)))
     var = pd.DataFrame({keys.GENE_IDS: ids, keys.FEATURE_TYPES: types}, index=names)
     x = sp.hstack(parts, format="csr")
-    return AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names), var=var)
+    with _repeated_names_expected():  # the antibody 'CD4' next to the gene CD4
+        return AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names), var=var)
 
 
 def mouse_style(adata: AnnData) -> AnnData:
     """A copy with mouse orthologue symbols (``mt-Co1``, ``Cd3e``, title case) as var_names."""
     out = AnnData(X=_counts(adata), obs=pd.DataFrame(index=adata.obs_names))
-    out.var_names = mouse_symbols(list(adata.var_names))
+    with _repeated_names_expected():  # several human genes share a mouse orthologue
+        out.var_names = mouse_symbols(list(adata.var_names))
     return out
 
 
@@ -373,6 +398,7 @@ def _ids(adata: AnnData) -> np.ndarray:
     return np.asarray(gene_ids(adata.var_names), dtype=str)
 
 
+@_repeated_names_expected()
 def _plain(adata: AnnData) -> AnnData:
     return AnnData(X=_counts(adata), obs=pd.DataFrame(index=adata.obs_names), var=adata.var.copy())
 
@@ -485,5 +511,6 @@ def write_h5ad_shape(adata: AnnData, path: str | Path, style: str) -> Path:
         raise ValueError(f"unknown h5ad style {style!r}; one of {', '.join(H5AD_STYLES)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    H5AD_STYLES[style](adata).write_h5ad(path)
+    with _repeated_names_expected():
+        H5AD_STYLES[style](adata).write_h5ad(path)
     return path

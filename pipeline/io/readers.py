@@ -367,8 +367,8 @@ def _cellranger_matrix(d: Path, where: str) -> Path | None:
 
 def _raw_beside(file: Path) -> str:
     """The Cell Ranger raw matrix (all droplets) beside a filtered one, or ``""``."""
-    if file.parent.parent.name == "filtered_gene_bc_matrices":  # v2 <outs>/filtered.../<genome>
-        outs, genome = file.parent.parent.parent, file.parent.name
+    if file.parent.name == "filtered_gene_bc_matrices":  # v2 <outs>/filtered.../<genome>
+        outs, genome = file.parent.parent, file.name
         options = [outs / "raw_gene_bc_matrices_h5.h5", outs / "raw_gene_bc_matrices" / genome]
     elif file.name.startswith("sample_filtered_feature_bc_matrix"):  # multi
         outs = file.parent.parent.parent.parent  # outs/per_sample_outs/<s>/count/<file>
@@ -753,8 +753,9 @@ def _h5ad_symbols(
     if symbol_column is not None:
         if symbol_column not in columns + outer:
             raise DataFileError(
-                f"{where} has no {prefix} column {symbol_column!r} (symbol_column); its "
-                f"{prefix} columns are {_shown(columns + outer, 30) or 'none'}. Set "
+                f"{where} has no {prefix}{' or var' if outer else ''} column "
+                f"{symbol_column!r} (symbol_column); its columns are "
+                f"{_shown(columns + outer, 30) or 'none'}. Set "
                 "symbol_column to the column holding gene symbols."
             )
         column = symbol_column
