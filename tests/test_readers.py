@@ -132,9 +132,18 @@ def test_round_trip(tmp_path: Path, fmt: str) -> None:
     assert list(got.var[keys.GENE_SYMBOL_ORIGINAL]) == list(src.var_names)
     assert list(got.var[keys.GENE_IDS]) == list(src.var[keys.GENE_IDS])
     assert digest(path) == before
+    record = got.uns[keys.UNS]["read"]
+    assert record["file"] == str(path)
+    assert record["format"] == FORMATS[fmt]
+    assert record["counts_source"] == {"h5ad_layer": "layers['counts']"}.get(
+        fmt, "X" if FORMATS[fmt] == "h5ad" else "matrix"
+    )
+    assert (record["raw_matrix"], record["other_features"]) == ("", {})
 
     summary = inspect_counts(path)
     assert summary.format == FORMATS[fmt]
+    assert summary.file == path
+    assert summary.counts_source == record["counts_source"]
     assert (summary.n_cells, summary.n_genes) == (N_CELLS, N_GENES)
     assert summary.genes == tuple(src.var_names)
     assert digest(path) == before
@@ -155,6 +164,20 @@ def test_h5ad_prefers_counts_layer_over_x(tmp_path: Path) -> None:
     got = read_counts(path, sample="S1")
     # X in the file is non-integer; reading it would fail, so the layer was used.
     np.testing.assert_array_equal(got.X.toarray(), src.X.toarray())
+
+
+def test_h5ad_normalised_counts_layer_falls_back_to_x(tmp_path: Path) -> None:
+    """A layer called 'counts' that holds normalised values is skipped for integer X."""
+    src = make_counts()
+    b = src.copy()
+    b.layers["counts"] = src.X.multiply(1.0 / 3.0).tocsr()
+    path = tmp_path / "s.h5ad"
+    b.write_h5ad(path)
+    got = read_counts(path, sample="S1")
+    np.testing.assert_array_equal(got.X.toarray(), src.X.toarray())
+    assert got.uns[keys.UNS]["read"]["counts_source"] == "X"
+    with pytest.raises(DataFileError, match=r"layers\['counts'\]: .* not whole numbers"):
+        read_counts(path, sample="S1", counts_layer="counts")
 
 
 def test_integer_dtype_h5ad(tmp_path: Path) -> None:
