@@ -40,7 +40,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--samplesheet",
         required=True,
         type=Path,
-        help="CSV: sample, donor, timepoint, path (+ extra columns)",
+        help="CSV: sample, donor, timepoint, path; optional library, counts_layer, "
+        "symbol_column (per line); extra columns (age, batch, ...) go into obs",
     )
     p.add_argument(
         "--config",
@@ -119,9 +120,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p_val = sub.add_parser(
         "validate",
         help="check a sample sheet, config and counts files without running anything",
-        description="Fast checks of the sheet, the config and each file's structure (no matrix is loaded).",
+        description="Fast checks of the sheet, the config and each file's structure (no matrix "
+        "is loaded): the files each line reads and how, genes shared by the samples, the species "
+        "(the shipped panels are human) and the QC gene prefixes.",
     )
-    p_val.add_argument("--samplesheet", required=True, type=Path)
+    p_val.add_argument("--samplesheet", required=True, type=Path, help="as for `immuneage run`")
     p_val.add_argument("--config", type=Path, default=None)
     p_val.add_argument("--quiet", action="store_true")
 
@@ -327,8 +330,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(table.drop(columns=["path"]).to_string(index=False))
     sheet = report.sheet
+    libraries = f" ({len(table)} libraries)" if len(table) > len(sheet.rows) else ""
     print(
-        f"OK: {len(sheet.rows)} samples, {len(sheet.donors)} donors, "
+        f"OK: {len(sheet.rows)} samples{libraries}, {len(sheet.donors)} donors, "
         f"{int(table['n_cells'].sum())} cells, {report.shared_genes} genes shared by all samples"
     )
     for w in report.warnings:

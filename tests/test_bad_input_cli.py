@@ -58,7 +58,24 @@ def same_donor_timepoint_twice(root: Path) -> str:
     df = _sheet(root)
     df.loc[1, "timepoint"] = "baseline"
     _save(root, df)
-    return "baseline"
+    return "'library' column"
+
+
+def libraries_of_one_sample_at_two_timepoints(root: Path) -> str:
+    df = _sheet(root)
+    df.insert(3, "library", "")
+    df.loc[0, "library"], df.loc[1, "library"] = "L1", "L2"
+    df.loc[1, "sample"] = df.loc[0, "sample"]  # line 3 claims to be a library of line 2's sample
+    _save(root, df)
+    return "line 3, column 'timepoint': 'acute' differs from 'baseline' on line 2"
+
+
+def mouse_sample(root: Path) -> str:
+    p = root / "data" / "D2_baseline.h5ad"
+    a = ad.read_h5ad(p)
+    a.var_names = [f"Gene{i}" for i in range(a.n_vars - 2)] + ["mt-Co1", "mt-Nd1"]
+    a.write_h5ad(p)
+    return "ingest.species_check: warn"
 
 
 def truncated_h5(root: Path) -> str:
@@ -198,6 +215,8 @@ CASES: list[Callable[[Path], str]] = [
     missing_path,
     unknown_timepoint,
     same_donor_timepoint_twice,
+    libraries_of_one_sample_at_two_timepoints,
+    mouse_sample,
     truncated_h5,
     corrupt_mtx_dims,
     non_integer_counts,

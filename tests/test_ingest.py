@@ -16,7 +16,7 @@ from pipeline import keys
 from pipeline.config import Config
 from pipeline.errors import DataFileError, ImmuneageWarning
 from pipeline.io import SampleRow, write_10x_h5, write_10x_mtx
-from pipeline.stages.ingest import ingest_sample, merge_samples
+from pipeline.stages.ingest import ingest_sample, merge_obsm, merge_samples, merge_var
 
 TIMEPOINTS = ["baseline", "acute", "longterm"]
 
@@ -219,3 +219,69 @@ def test_merge_single_sample(tmp_path: Path) -> None:
 def test_merge_nothing() -> None:
     with pytest.raises(ValueError, match="at least one"):
         merge_samples([], config())
+
+
+def test_merge_var_columns_some_samples_lack(tmp_path: Path) -> None:
+    """ids, feature types, flags and numbers: first non-missing value per gene; writes and reads."""
+    a = pd.DataFrame(
+        {"gene_symbol_original": ["A", "B", "C"], "flag": [True, False, True], "n": [1, 2, 3]},
+        index=["A", "B", "C"],
+    )
+    b = pd.DataFrame(
+        {
+            "gene_ids": ["", "ID_C", "ID_D"],  # "" counts as missing
+            "feature_types": pd.Categorical(["Gene Expression"] * 3),
+            "gene_symbol_original": ["B", "C", "D"],
+            "score": [0.5, np.nan, 1.5],
+        },
+        index=["B", "C", "D"],
+    )
+    c = pd.DataFrame({"gene_ids": ["ID_B", "ID_C2", "ID_A"]}, index=["B", "C", "A"])
+    order = pd.Index(["A", "B", "C", "D"])
+    var = merge_var([a, b, c], order)
+    assert list(var.columns) == [
+        "gene_symbol_original",
+        "flag",
+        "n",
+        "gene_ids",
+        "feature_types",
+        "score",
+    ]
+    assert var["gene_ids"].tolist() == ["ID_A", "ID_B", "ID_C", "ID_D"]
+    assert var["feature_types"].tolist() == [
+        "",
+        "Gene Expression",
+        "Gene Expression",
+        "Gene Expression",
+    ]
+    assert var["gene_symbol_original"].tolist() == ["A", "B", "C", "D"]
+    assert str(var["flag"].dtype) == "boolean" and pd.isna(var.loc["D", "flag"])
+    assert str(var["n"].dtype) == "Int64" and var.loc["C", "n"] == 3
+    assert var.loc["D", "score"] == 1.5 and np.isnan(var.loc["A", "score"])
+    for column in ("gene_ids", "feature_types", "gene_symbol_original"):
+        assert var[column].map(type).eq(str).all()
+    path = tmp_path / "v.h5ad"
+    ad.AnnData(X=sp.csr_matrix((2, 4), dtype=np.float32), var=var).write_h5ad(path)
+    back = ad.read_h5ad(path).var
+    assert back["gene_ids"].tolist() == var["gene_ids"].tolist()
+    assert back["flag"].tolist()[:3] == [True, False, True]
+
+
+def test_merge_obsm_outer_columns_zero_filled() -> None:
+    x = sp.csr_matrix(np.ones((2, 3), dtype=np.float32))
+    s1 = ad.AnnData(X=x, obs=pd.DataFrame(index=["s1:a", "s1:b"]))
+    s1.obsm["antibody_capture"] = pd.DataFrame(
+        {"CD3": [5.0, 6.0], "CD4": [1.0, 0.0]}, index=s1.obs_names
+    )
+    s2 = ad.AnnData(X=x, obs=pd.DataFrame(index=["s2:a", "s2:b"]))
+    s3 = ad.AnnData(X=x, obs=pd.DataFrame(index=["s3:a", "s3:b"]))
+    s3.obsm["antibody_capture"] = pd.DataFrame({"CD8a": [7, 8], "CD3": [1, 2]}, index=s3.obs_names)
+    names = pd.Index([*s1.obs_names, *s2.obs_names, *s3.obs_names])
+    out = merge_obsm([s1, s2, s3], names)
+    adt = out["antibody_capture"]
+    assert list(adt.columns) == ["CD3", "CD4", "CD8a"]
+    assert adt.dtypes.eq(np.float32).all()
+    np.testing.assert_array_equal(
+        adt.to_numpy(), [[5, 1, 0], [6, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 7], [2, 0, 8]]
+    )
+    assert list(adt.index) == list(names)

@@ -13,6 +13,7 @@ from pipeline.errors import ImmuneageWarning, SampleSheetError
 from pipeline.io import SampleSheet, read_samplesheet
 
 HEADER = "sample,donor,timepoint,path,age,batch"
+LIB_HEADER = "sample,donor,timepoint,library,path,age"
 GOOD = [
     "D1_base,D1,baseline,data/a.h5ad,31,b1",
     "D1_acute,D1,acute,data/b.h5,31,b1",
@@ -194,7 +195,55 @@ ERROR_CASES = [
         "duplicate donor timepoint",
         [HEADER, GOOD[0], "D1_base2,D1,baseline,data/b.h5,31,b1"],
         {},
-        ["line 3", "'D1'", "'baseline'", "'D1_base'", "line 2", "'D1_base2'"],
+        ["line 3", "'D1'", "'baseline'", "'D1_base'", "line 2", "'D1_base2'", "'library' column"],
+    ),
+    (
+        "duplicate sample hints at the library column",
+        [HEADER, GOOD[0], "D1_base,D1,baseline,data/b.h5,31,b1"],
+        {},
+        ["line 3, column 'sample'", "line 2", "add a 'library' column"],
+    ),
+    (
+        "library empty on a repeated sample",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D1,baseline,,data/b.h5,1"],
+        {},
+        ["line 3, column 'library'", "empty", "distinct library value"],
+    ),
+    (
+        "library repeated",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D1,baseline,L1,data/b.h5,1"],
+        {},
+        ["line 3, column 'library'", "'L1'", "line 2", "distinct name"],
+    ),
+    (
+        "libraries with different donors",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D2,baseline,L2,data/b.h5,1"],
+        {},
+        ["line 3, column 'donor'", "'D2' differs from 'D1' on line 2", "share"],
+    ),
+    (
+        "libraries with different timepoints",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D1,acute,L2,data/b.h5,1"],
+        {},
+        ["line 3, column 'timepoint'", "'acute' differs from 'baseline'"],
+    ),
+    (
+        "libraries with different extra values",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D1,baseline,L2,data/b.h5,2"],
+        {},
+        ["line 3, column 'age'", "'2' differs from '1'"],
+    ),
+    (
+        "library reads the same file twice",
+        [LIB_HEADER, "S1,D1,baseline,L1,data/a.h5ad,1", "S1,D1,baseline,L2,data/./a.h5ad,1"],
+        {},
+        ["line 3, column 'path'", "like line 2", "counted twice"],
+    ),
+    (
+        "unsafe library id",
+        [LIB_HEADER, "S1,D1,baseline,L:1,data/a.h5ad,1"],
+        {},
+        ["line 2, column 'library'", "'L:1'", "safe library id"],
     ),
     (
         "unsafe sample id slash",
@@ -274,3 +323,63 @@ def test_custom_design_levels(tmp_path: Path) -> None:
         tmp_path, ["sample,donor,timepoint,path", "A,D1,pre,data/a.h5ad", "B,D1,post,data/b.h5"]
     )
     assert read(path, cfg).samples == ("A", "B")
+
+
+def test_libraries_and_reading_options(tmp_path: Path) -> None:
+    """Lines sharing a sample id with distinct libraries are one sample; options stay per line."""
+    lines = [
+        "sample,donor,timepoint,library,path,counts_layer,symbol_column,age",
+        "D1_base,D1,baseline,L1,data/a.h5ad,raw_counts,,31",
+        "D1_acute,D1,acute,,data/b.h5,,,31",
+        "D1_base,D1,baseline,L2,data/d.h5ad,,feature_name,31",
+        "D2_base,D2,baseline,,data/c_mtx,,,45",
+    ]
+    sheet = read(write_sheet(tmp_path, lines))
+    assert sheet.samples == ("D1_base", "D1_acute", "D2_base")
+    assert sheet.extra_columns == ("age",)
+    assert sheet.option_columns == ("library", "counts_layer", "symbol_column")
+    base = sheet.rows[0]
+    assert [lib.library for lib in base.libraries] == ["L1", "L2"]
+    assert base.lines == (2, 4)
+    assert base.paths == (
+        (tmp_path / "data" / "a.h5ad").resolve(),
+        (tmp_path / "data" / "d.h5ad").resolve(),
+    )
+    assert base.path == base.paths[0] and base.row == 2  # the first library's
+    assert base.counts_layer == "raw_counts" and base.symbol_column is None
+    assert base.libraries[1].counts_layer is None
+    assert base.libraries[1].symbol_column == "feature_name"
+    assert base.extra == {"age": "31"}
+    single = sheet.rows[1]
+    assert len(single.libraries) == 1 and single.libraries[0].library == ""
+    frame = sheet.to_frame()
+    assert len(frame) == 4
+    assert list(frame.columns) == [
+        "sample",
+        "donor",
+        "timepoint",
+        "path",
+        "row",
+        "library",
+        "counts_layer",
+        "symbol_column",
+        "age",
+    ]
+    assert frame["library"].tolist() == ["L1", "L2", "", ""]
+    # reading options: the line's, else the config's, passed only when set
+    cfg = Config.model_validate({"ingest": {"counts_layer": "counts"}})
+    assert base.libraries[0].reader_options(cfg.ingest) == {"counts_layer": "raw_counts"}
+    assert base.libraries[1].reader_options(cfg.ingest) == {
+        "counts_layer": "counts",
+        "symbol_column": "feature_name",
+    }
+    assert single.libraries[0].reader_options(Config().ingest) == {}
+
+
+def test_sample_row_without_libraries_is_one_library(tmp_path: Path) -> None:
+    """SampleRow built the old way (runner, Slurm, tests) still has one library."""
+    from pipeline.io import SampleRow
+
+    row = SampleRow("S1", "D1", "baseline", tmp_path / "a.h5ad", 2, {"age": "1"})
+    assert row.paths == (tmp_path / "a.h5ad",)
+    assert row.libraries[0].library == "" and row.libraries[0].row == 2

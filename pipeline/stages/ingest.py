@@ -598,9 +598,9 @@ class SpeciesEvidence:
                 f"{self.title_case_share:.0%} of the gene symbols are title-case (e.g. {shown})"
             )
         if self.n_mt_lower:
-            parts.append(f"{self.n_mt_lower} genes start with 'mt-'")
+            parts.append(f"{self.n_mt_lower} gene(s) start with 'mt-'")
         if self.n_mouse_ids:
-            parts.append(f"{self.n_mouse_ids} genes are mouse Ensembl ids (ENSMUSG...)")
+            parts.append(f"{self.n_mouse_ids} gene(s) are mouse Ensembl ids (ENSMUSG...)")
         return ", ".join(parts)
 
 
@@ -645,30 +645,31 @@ def _prefix_warning(
     lacking = [s for s, genes in sets.items() if not any(g.startswith(prefixes) for g in genes)]
     if not lacking:
         return None
-    other_case = sorted(
-        {
+    other_case: dict[str, set[str]] = {}  # sample -> the prefixes its genes have in other case
+    for s in lacking:
+        found = {
             g[: len(p)]
-            for s in lacking
             for g in sets[s]
             for p in prefixes
             if g[: len(p)].lower() == p.lower() and not g.startswith(p)
         }
-    )
-    if other_case:
-        hint = (
-            f"their genes start with {', '.join(map(repr, other_case))} instead (mouse-style "
-            f"symbols?): set {what} to that"
-        )
-    else:
-        hint = (
-            f"if the data are mouse, set {what} to {fix}; a targeted gene panel (or a file "
-            "subset to some genes) without these genes needs no change"
-        )
+        if found:
+            other_case[s] = found
     shown = prefixes[0] if len(prefixes) == 1 else list(prefixes)
     verb = "matches" if len(prefixes) == 1 else "match"
-    return (
-        f"{what} {shown!r} {verb} no gene in {_listed(lacking, len(sets))}: {consequence}; {hint}"
-    )
+    text = f"{what} {shown!r} {verb} no gene in {_listed(lacking, len(sets))}: {consequence}"
+    if other_case:
+        found = sorted(set().union(*other_case.values()))
+        text += (
+            f"; the genes of {_listed(list(other_case), len(sets))} start with "
+            f"{', '.join(map(repr, found))} instead (mouse-style symbols?): set {what} to that"
+        )
+    if len(other_case) < len(lacking):
+        text += (
+            f"; if the data are mouse, set {what} to {fix}; a targeted gene panel (or a file "
+            "subset to some genes) without these genes needs no change"
+        )
+    return text
 
 
 def check_gene_content(
