@@ -438,3 +438,16 @@ def test_h5ad_without_counts(tmp_path: Path) -> None:
     src = make_counts()
     ad.AnnData(obs=src.obs, var=src.var).write_h5ad(path)
     fails(path, "holds no counts")
+
+
+def test_write_10x_h5_leaves_unsorted_input_intact(tmp_path: Path) -> None:
+    """Real matrices (pbmc68k's raw.X) have unsorted column indices within rows."""
+    x = sp.csr_matrix(
+        (np.array([2, 1, 4, 3], np.float32), np.array([2, 0, 2, 1]), np.array([0, 2, 4])),
+        shape=(2, 3),
+    )
+    adata = ad.AnnData(x, var=pd.DataFrame(index=["A", "B", "C"]))
+    before = adata.X.toarray().copy()
+    path = write_10x_h5(adata, tmp_path / "s.h5")
+    np.testing.assert_array_equal(adata.X.toarray(), before)
+    np.testing.assert_array_equal(read_counts(path, sample="s").X.toarray(), before)

@@ -32,7 +32,9 @@ def _genes_by_cells_csc(adata: AnnData) -> sp.csc_matrix:
     x = adata.X
     if not sp.issparse(x):
         x = sp.csr_matrix(x)
-    x = sp.csr_matrix(x)
+    # a copy: sort_indices below works in place, and on arrays shared with adata.X it
+    # would reorder the caller's indices without their data (unsorted input, e.g. pbmc68k)
+    x = sp.csr_matrix(x, copy=True)
     # cells x genes CSR is, read column-wise, genes x cells CSC.
     out = sp.csc_matrix((x.data, x.indices, x.indptr), shape=(adata.n_vars, adata.n_obs))
     out.data = np.rint(out.data).astype(np.int32)
