@@ -312,7 +312,11 @@ class PreprocessConfig(_Section):
     min_cells_per_gene: int = Field(
         default=3,
         ge=0,
-        description="Genes detected in fewer cells than this (after cell QC) are removed.",
+        description=(
+            "Genes detected in fewer cells than this (after cell QC) are not HVG candidates (so "
+            "not in PCA or scVI) but stay in the matrix for scoring and annotation "
+            "(var['hvg_candidate']); only genes detected in no kept cell are removed."
+        ),
     )
     target_sum: float | None = Field(
         default=1e4,
@@ -326,7 +330,14 @@ class PreprocessConfig(_Section):
         default="sample", description="obs column for batch-aware HVG selection; null for none."
     )
     hvg_span: float = Field(
-        default=0.3, gt=0, le=1, description="LOESS span of the seurat_v3 mean-variance fit."
+        default=0.3,
+        gt=0,
+        le=1,
+        description=(
+            "LOESS span of the seurat_v3 mean-variance fit. A batch whose fit fails (small "
+            "batches) is refitted with spans 0.5, 0.7, 0.9, then with a quadratic trend "
+            "(uns['immuneage']['hvg']['trend_fits'])."
+        ),
     )
     hvg_include: list[str] = Field(
         default_factory=list,

@@ -7,6 +7,8 @@ Jaccard >= 0.95; top-10 PCs matched with |correlation| >= 0.99.
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -201,3 +203,139 @@ def test_pca_is_deterministic_for_a_seed(data):
     a, _ = _run(data, "kernels")
     b, _ = _run(data, "kernels")
     np.testing.assert_array_equal(a.adata.obsm["X_pca"], b.adata.obsm["X_pca"])
+
+
+# --- rare genes stay in the matrix; HVG candidates only ---------------------------------
+
+
+def _backed_counts(a: ad.AnnData, path) -> ad.AnnData:
+    """``a`` with ``layers["counts"]`` opened in place from an h5ad (what backed mode gets)."""
+    import h5py
+
+    a.write_h5ad(path)
+    f = h5py.File(path, "r")
+    on_disk = ad.AnnData(obs=a.obs.copy(), var=a.var.copy())
+    on_disk.layers["counts"] = ad.io.sparse_dataset(f["layers"]["counts"])
+    return on_disk
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_rare_genes_stay_for_scoring_but_are_not_hvg_candidates(data, backed, tmp_path):
+    a = data.copy()
+    x = a.layers["counts"].tolil()
+    x[:, [20, 21, 22]] = 0
+    x[5, 20] = 7  # G4: one cell
+    x[[5, 400], 21] = 3  # G5: two cells
+    a.layers["counts"] = x.tocsr()
+    a.X = a.layers["counts"]
+    cfg = load_config(
+        None,
+        {
+            "backend": "kernels",
+            "backed": backed,
+            "chunk_size": 100,
+            "qc": {"doublets": "none", "min_genes": None},
+            "preprocess": {"n_top_genes": 300, "n_comps": 10},
+        },
+    )
+    units = [qc_sample(a[a.obs["sample"] == s].copy(), cfg) for s in a.obs["sample"].cat.categories]
+    qc = merge_qc(units, cfg).adata
+    src = _backed_counts(a, tmp_path / "in.h5ad") if backed else a
+    out = run_preprocess(src, qc, cfg).adata
+    var = out.var
+    assert "G4" in var.index and "G5" in var.index  # detected in 1 and 2 kept cells
+    assert "G6" not in var.index  # detected in none: removed
+    assert var.loc["G4", "n_cells_by_counts"] == 1 and var.loc["G5", "n_cells_by_counts"] == 2
+    assert not var.loc[["G4", "G5"], ["hvg_candidate", "highly_variable"]].to_numpy().any()
+    assert var.loc[["G4", "G5"], "highly_variable_rank"].isna().all()
+    assert (var["hvg_candidate"] == (var["n_cells_by_counts"] >= 3)).all()
+    assert not (var["highly_variable"] & ~var["hvg_candidate"]).any()
+    assert var["highly_variable"].sum() == 300
+    info = out.uns["immuneage"]
+    assert info["preprocess"]["n_genes_out"] == out.n_vars == a.n_vars - 1
+    assert info["preprocess"]["n_hvg_candidates"] == int(var["hvg_candidate"].sum())
+    assert info["hvg"]["n_candidates"] == info["preprocess"]["n_hvg_candidates"]
+    if backed:  # the same genes and HVGs as in memory
+        mem_cfg = cfg.model_copy(update={"backed": False})
+        ref = run_preprocess(a, qc, mem_cfg).adata
+        assert list(ref.var_names) == list(out.var_names)
+        assert (ref.var["highly_variable"] == var["highly_variable"]).all()
+
+
+# --- LOESS failures never stop HVG selection -----------------------------------------------
+
+
+def _small_real_design() -> ad.AnnData:
+    """CellTypist's real counts, 1 donor x 3 timepoints x 40 cells: skmisc's LOESS fails."""
+    from pipeline.datasets.real import celltypist_sample_counts, pseudo_cohort
+
+    ps = pseudo_cohort(celltypist_sample_counts(), donors=1, cells_per_sample=40, seed=0)
+    a = ad.concat([p.adata for p in ps], label="sample", keys=[p.sample for p in ps])
+    a.obs_names_make_unique()
+    n_cells = np.asarray((a.X > 0).sum(0)).ravel()
+    a = a[:, n_cells > 0].copy()
+    a.layers["counts"] = a.X
+    a.var["hvg_candidate"] = n_cells[n_cells > 0] >= 3
+    return a
+
+
+def _hvg(a: ad.AnnData, backend: str) -> tuple[ad.AnnData, list]:
+    from pipeline.stages.preprocess import highly_variable
+
+    b = a.copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        highly_variable(b, load_config(None).preprocess, backend, torch.device("cpu"))
+    return b, [w for w in caught if issubclass(w.category, ImmuneageWarning)]
+
+
+def test_loess_failure_on_a_small_real_design_widens_the_span_quietly():
+    import scanpy as sc
+
+    a = _small_real_design()
+    with pytest.raises(ValueError, match=r"reciprocal condition number|singularities"):
+        sc.pp.highly_variable_genes(
+            a.copy(), flavor="seurat_v3", layer="counts", n_top_genes=2000, batch_key="sample"
+        )
+    got = {}
+    for backend in ("scanpy", "kernels"):
+        b, warned = _hvg(a, backend)
+        assert warned == []  # a wider span is routine: logged, not warned
+        hvg = b.uns["immuneage"]["hvg"]
+        assert hvg["fallback"] and set(hvg["trend_fits"]) == set(a.obs["sample"])
+        assert all(f.startswith("loess span") for f in hvg["trend_fits"].values())
+        assert b.var["highly_variable"].sum() == 2000
+        got[backend] = b.var
+    assert (got["scanpy"]["highly_variable"] == got["kernels"]["highly_variable"]).all()
+    np.testing.assert_allclose(
+        got["scanpy"]["variances_norm"], got["kernels"]["variances_norm"], rtol=1e-6
+    )
+
+
+def test_loess_failing_at_every_span_gets_a_quadratic_trend_warned_once(data, monkeypatch):
+    import skmisc.loess
+
+    from pipeline.kernels import hvg_seurat_v3
+    from pipeline.kernels.hvg import is_loess_error
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise ValueError(b"reciprocal condition number  6.1579e-15")
+
+    monkeypatch.setattr(skmisc.loess, "loess", Failing)
+    a = data[data.obs["sample"].isin(["S0", "S1"])].copy()
+    got = {}
+    for backend in ("scanpy", "kernels"):
+        b, warned = _hvg(a, backend)
+        assert len(warned) == 1 and "quadratic" in str(warned[0].message)
+        assert b.uns["immuneage"]["hvg"]["trend_fits"] == {"S0": "quadratic", "S1": "quadratic"}
+        got[backend] = b.var
+    assert (got["scanpy"]["highly_variable"] == got["kernels"]["highly_variable"]).all()
+    # the kernel alone keeps scanpy's behaviour unless asked to fall back
+    with pytest.raises(ValueError, match="reciprocal") as err:
+        hvg_seurat_v3(a.layers["counts"], n_top_genes=100, device="cpu")
+    assert is_loess_error(err.value)
+    assert not is_loess_error(ValueError("n_top_genes must be a positive number of genes"))

@@ -7,7 +7,9 @@ Algorithm (Stuart et al. 2019; ``scanpy.pp.highly_variable_genes(flavor="seurat_
    scattering into a ``(n_batches * n_genes)`` vector).
 2. Loess (``skmisc.loess``, degree 2, ``span``) of ``log10 v`` on ``log10 m`` over the
    genes with ``v > 0`` (host: per-gene vectors only); ``sigma = sqrt(10**fit)``,
-   ``sigma = 1`` for constant genes.
+   ``sigma = 1`` for constant genes. With ``on_fit_error="fallback"`` a batch whose
+   fit fails is refitted with wider spans, then with a global quadratic (not scanpy:
+   scanpy raises).
 3. Values clipped at ``c = m + sigma * sqrt(n_b)``; standardised variance
    ``(n_b m**2 + sum min(x, c)**2 - 2 m sum min(x, c)) / ((n_b - 1) sigma**2)``
    (device: sparse sums over the stored values; zeros contribute ``m**2`` each,
@@ -22,7 +24,7 @@ Algorithm (Stuart et al. 2019; ``scanpy.pp.highly_variable_genes(flavor="seurat_
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -45,12 +47,12 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from scipy import sparse
 
-__all__ = ["hvg_seurat_v3"]
+__all__ = ["FALLBACK_SPANS", "LOESS_ERRORS", "hvg_seurat_v3", "is_loess_error"]
 
 
-def _batch_codes(batch: NDArray | None, n_cells: int) -> tuple[NDArray[np.int64], int]:
+def _batch_codes(batch: NDArray | None, n_cells: int) -> tuple[NDArray[np.int64], list[str]]:
     if batch is None:
-        return np.zeros(n_cells, dtype=np.int64), 1
+        return np.zeros(n_cells, dtype=np.int64), ["all cells"]
     labels = np.asarray(batch)
     if labels.shape != (n_cells,):
         msg = f"batch must hold one label per cell ({n_cells}), got shape {labels.shape}"
@@ -60,7 +62,7 @@ def _batch_codes(batch: NDArray | None, n_cells: int) -> tuple[NDArray[np.int64]
         raise ValueError(msg)
     # np.unique sorts the labels, as scanpy iterates batches in np.unique order.
     uniques, codes = np.unique(labels, return_inverse=True)
-    return codes.astype(np.int64), len(uniques)
+    return codes.astype(np.int64), [str(u) for u in uniques]
 
 
 def _loess_log_fit(mean: NDArray, var: NDArray, span: float) -> NDArray[np.float64]:
@@ -73,6 +75,60 @@ def _loess_log_fit(mean: NDArray, var: NDArray, span: float) -> NDArray[np.float
     model.fit()
     fitted[not_const] = model.outputs.fitted_values
     return np.sqrt(10.0**fitted)
+
+
+#: Fragments of the messages skmisc's LOESS raises (as ``ValueError(b'...')``) when a
+#: fit fails: near-singular local fits on small batches, spans too small for the data.
+LOESS_ERRORS = (
+    "singular",
+    "condition number",
+    "span",
+    "neighborhood",
+    "pseudoinverse",
+    "extrapolation",
+    "workspace",
+    "k-d tree",
+    "vertices",
+)
+
+#: Spans tried, in order, after ``span`` when ``on_fit_error="fallback"`` (those above it).
+FALLBACK_SPANS = (0.5, 0.7, 0.9)
+
+
+def is_loess_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a LOESS fit failure from skmisc (as raised through scanpy too)."""
+    msg = str(exc).lower()
+    return isinstance(exc, ValueError) and any(m in msg for m in LOESS_ERRORS)
+
+
+def _quadratic_log_fit(mean: NDArray, var: NDArray) -> NDArray[np.float64]:
+    """``sigma`` per gene from one least-squares quadratic of ``log10 v`` on ``log10 m``.
+
+    The global counterpart of the degree-2 LOESS, used where every LOESS span fails;
+    with fewer than three non-constant genes the trend is their mean log variance.
+    """
+    fitted = np.zeros(mean.shape, dtype=np.float64)
+    nc = var > 0
+    x, y = np.log10(mean[nc]), np.log10(var[nc])
+    if nc.sum() >= 3 and np.ptp(x) > 0:
+        fitted[nc] = np.polyval(np.polyfit(x, y, 2), x)
+    elif nc.any():
+        fitted[nc] = y.mean()
+    return np.sqrt(10.0**fitted)
+
+
+def _trend(
+    mean: NDArray, var: NDArray, span: float, fallback: bool
+) -> tuple[NDArray[np.float64], str]:
+    """``sigma`` of one batch and how it was fitted (``loess span S`` or ``quadratic``)."""
+    spans = [span, *(s for s in FALLBACK_SPANS if s > span)] if fallback else [span]
+    for s in spans:
+        try:
+            return _loess_log_fit(mean, var, s), f"loess span {s:g}"
+        except ValueError:  # skmisc: the LOESS fit failed (singular, span too small, ...)
+            if not fallback:
+                raise
+    return _quadratic_log_fit(mean, var), "quadratic"
 
 
 def _rank_genes(
@@ -101,6 +157,7 @@ def hvg_seurat_v3(
     n_top_genes: int,
     batch: NDArray | None = None,
     span: float = 0.3,
+    on_fit_error: Literal["raise", "fallback"] = "raise",
     device: torch.device | str,
     gene_names: Sequence[str] | pd.Index | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -120,6 +177,14 @@ def hvg_seurat_v3(
         Genes are ranked within each batch and the ranks combined as scanpy does.
     span
         Loess span (fraction of genes in each local fit).
+    on_fit_error
+        A batch whose LOESS fit fails (skmisc's ``reciprocal condition number``,
+        ``near singularities``, ``span too small``, ...: small batches whose gene
+        means take few distinct values): ``"raise"`` the ``ValueError``, as scanpy
+        does; ``"fallback"`` refits that batch alone with the spans of
+        :data:`FALLBACK_SPANS` above ``span``, then, when they all fail, with one
+        global quadratic of ``log10 v`` on ``log10 m`` (no LOESS). The other
+        batches keep their fit. ``df.attrs["trend_fits"]`` says what each batch got.
     device
         Device the sums run on.
     gene_names
@@ -135,12 +200,14 @@ def hvg_seurat_v3(
         the top), ``means``, ``variances`` (float64, over all cells, ddof 1),
         ``variances_norm`` (float64; mean over batches of the clipped standardised
         variance) and, when ``batch`` is given, ``highly_variable_nbatches`` (int64).
+        ``attrs["trend_fits"]``: batch label (``"all cells"`` without batches) ->
+        ``"loess span S"`` or ``"quadratic"``.
 
     Raises
     ------
     ValueError
-        ``n_top_genes`` is not positive, or ``batch`` has the wrong length or missing
-        labels.
+        ``n_top_genes`` is not positive, ``batch`` has the wrong length or missing
+        labels, or (``on_fit_error="raise"``) a LOESS fit fails.
     """
     # A row source is read block by block in each pass; never loaded whole.
     src = counts if is_row_source(counts) else as_csr(counts)
@@ -149,7 +216,8 @@ def hvg_seurat_v3(
         msg = f"n_top_genes must be a positive number of genes, got {n_top_genes}"
         raise ValueError(msg)
     dev = as_device(device)
-    codes, n_batches = _batch_codes(batch, n_cells)
+    codes, labels = _batch_codes(batch, n_cells)
+    n_batches = len(labels)
     codes_d = torch.from_numpy(codes).to(dev)
     f64 = torch.float64
     size = n_batches * n_genes
@@ -185,7 +253,8 @@ def hvg_seurat_v3(
 
     # Loess of log variance on log mean, per batch, on the host.
     mean_h, var_h = to_numpy(mean_b), to_numpy(var_b)
-    sigma = np.stack([_loess_log_fit(mean_h[b], var_h[b], span) for b in range(n_batches)])
+    fits = [_trend(mean_h[b], var_h[b], span, on_fit_error == "fallback") for b in range(n_batches)]
+    sigma = np.stack([f[0] for f in fits])
     sigma_d = torch.from_numpy(sigma).to(dev)
     clip = (mean_b + sigma_d * torch.sqrt(n_b)[:, None]).reshape(-1)
 
@@ -217,4 +286,5 @@ def hvg_seurat_v3(
     )
     if batch is not None:
         df["highly_variable_nbatches"] = nbatches
+    df.attrs["trend_fits"] = {label: f[1] for label, f in zip(labels, fits, strict=True)}
     return df

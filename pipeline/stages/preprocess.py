@@ -3,13 +3,16 @@
 Reads the merged ingest AnnData and the per-cell QC results, then
 
 1. keeps the cells that passed QC (``obs["qc_pass"]``) and copies the QC
-   columns into ``obs``; removes genes seen in fewer than
-   ``min_cells_per_gene`` cells;
+   columns into ``obs``; keeps every gene detected in at least one of them
+   (scoring and annotation need rare genes such as IL6 or TNF) and marks the
+   genes seen in at least ``min_cells_per_gene`` cells as HVG candidates
+   (``var["hvg_candidate"]``);
 2. ``X`` = ``log1p(normalize_total(counts, target_sum))`` (sparse); the raw
    counts stay in ``layers["counts"]``;
-3. highly variable genes, ``seurat_v3`` on the counts, batch-aware
-   (``hvg_batch_key``, default ``sample``); ``hvg_include`` genes are forced in
-   and marked in ``var["hvg_forced"]``;
+3. highly variable genes among the candidates, ``seurat_v3`` on the counts,
+   batch-aware (``hvg_batch_key``, default ``sample``); a batch whose LOESS
+   fit fails gets wider spans, then a quadratic trend (:func:`highly_variable`);
+   ``hvg_include`` genes are forced in and marked in ``var["hvg_forced"]``;
 4. PCA on the HVGs of ``X`` (implicitly centred, never densified):
    ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]``.
 
@@ -22,6 +25,7 @@ immuneage's torch kernels (CPU or CUDA, the code CI tests), rapids-singlecell
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -42,7 +46,17 @@ if TYPE_CHECKING:
 
     from ..config import Config, PreprocessConfig
 
-__all__ = ["filter_cells_genes", "highly_variable", "normalize", "pca", "run_preprocess"]
+#: var column marking the genes that may be highly variable (seen in min_cells_per_gene cells).
+HVG_CANDIDATE = "hvg_candidate"
+
+__all__ = [
+    "HVG_CANDIDATE",
+    "filter_cells_genes",
+    "highly_variable",
+    "normalize",
+    "pca",
+    "run_preprocess",
+]
 
 
 def _qc_cells(adata: ad.AnnData, qc: ad.AnnData) -> tuple[pd.DataFrame, np.ndarray]:
@@ -67,6 +81,7 @@ def _filtered(
     genes: np.ndarray,
     n_cells: np.ndarray,
     counts: Any,
+    min_cells_per_gene: int,
 ) -> ad.AnnData:
     """The filtered AnnData: QC columns in ``obs``, ``X`` and ``layers["counts"]`` = ``counts``."""
     obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
@@ -77,6 +92,7 @@ def _filtered(
             obs[col] = obs[col].cat.remove_unused_categories()
     var = adata.var.iloc[genes].copy()
     var["n_cells_by_counts"] = n_cells[genes]
+    var[HVG_CANDIDATE] = n_cells[genes] >= min_cells_per_gene
     out = ad.AnnData(X=counts, obs=obs, var=var, uns=dict(adata.uns))
     out.layers[keys.COUNTS] = counts
     return out
@@ -90,7 +106,15 @@ def _drop_zeros(block: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
 def filter_cells_genes(
     adata: ad.AnnData, qc: ad.AnnData, cfg: PreprocessConfig, *, chunk_size: int | None = None
 ) -> ad.AnnData:
-    """Attach QC columns, keep cells that passed QC and genes seen in enough cells.
+    """Attach QC columns, keep the cells that passed QC and the genes detected in them.
+
+    Every gene detected in at least one kept cell stays in the matrix, so that
+    scoring and annotation see rarely detected genes (IL6, TNF, IL1A, MMP1 of
+    the SASP set are seen in a handful of blood cells); genes detected in no
+    kept cell are removed. ``var["n_cells_by_counts"]`` holds the cells each
+    gene is detected in, and ``var["hvg_candidate"]`` marks the genes seen in at
+    least ``cfg.min_cells_per_gene`` cells: only those are candidates for the
+    highly variable genes (and so for PCA and scVI).
 
     With on-disk counts (a row source, ``backed`` mode) the result's counts are a
     lazy view of the kept cells and genes (:class:`pipeline.io.ondisk.SubsetRows`),
@@ -108,7 +132,7 @@ def filter_cells_genes(
         n_cells = np.zeros(kept.shape[1], dtype=np.int64)
         for _, _, block in iter_row_blocks(kept, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE):
             n_cells += np.bincount(block.indices[block.data != 0], minlength=kept.shape[1])
-        genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
+        genes = np.flatnonzero(n_cells > 0)
         counts = SubsetRows(
             source,
             np.flatnonzero(cells),
@@ -116,16 +140,16 @@ def filter_cells_genes(
             dtype=np.float32,
         )
         counts = MappedRows(counts, _drop_zeros, dtype=np.float32)
-        return _filtered(adata, qobs, cells, genes, n_cells, counts)
+        return _filtered(adata, qobs, cells, genes, n_cells, counts, cfg.min_cells_per_gene)
     # slice the counts once (rows, then genes); X and layers["counts"] share that one copy
     counts = sp.csr_matrix(source)[np.flatnonzero(cells)]
     counts.eliminate_zeros()
     n_cells = np.bincount(counts.indices, minlength=counts.shape[1])
-    genes = np.flatnonzero(n_cells >= cfg.min_cells_per_gene)
+    genes = np.flatnonzero(n_cells > 0)
     if len(genes) < counts.shape[1]:
         counts = counts[:, genes]
     counts = sp.csr_matrix(counts, dtype=np.float32)
-    return _filtered(adata, qobs, cells, genes, n_cells, counts)
+    return _filtered(adata, qobs, cells, genes, n_cells, counts, cfg.min_cells_per_gene)
 
 
 def normalize(
@@ -191,37 +215,73 @@ def highly_variable(
     *,
     chunk_size: int | None = None,
 ) -> None:
-    """Seurat v3 HVGs on the counts, batch-aware; writes scanpy's ``var`` columns in place."""
-    n_top = min(cfg.n_top_genes, adata.n_vars)
+    """Seurat v3 HVGs on the counts of the candidate genes, batch-aware; writes ``var`` in place.
+
+    Candidates are the genes of ``var["hvg_candidate"]`` (all genes when the
+    column is absent). ``var`` gets scanpy's columns (``highly_variable``,
+    ``highly_variable_rank``, ``means``, ``variances``, ``variances_norm``,
+    ``highly_variable_nbatches``; NaN / 0 / ``False`` for non-candidates) and
+    ``hvg_forced``.
+
+    LOESS failures never stop the stage. skmisc's LOESS can fail on small
+    batches (``reciprocal condition number``, ``near singularities``: the gene
+    means of a few dozen cells take few distinct values). A failing batch is
+    refitted alone with wider spans (0.5, 0.7, 0.9), then with a global
+    quadratic mean-variance trend; the other batches keep their fit. The scanpy
+    backend runs scanpy first and, when its LOESS fails, the torch kernel
+    (:func:`pipeline.kernels.hvg_seurat_v3`, scanpy's algorithm, on the CPU)
+    with that per-batch fallback, so both backends give the same result.
+    Widening the span is routine on small designs and only logged; a batch
+    that needs the quadratic trend is warned once. ``uns["immuneage"]["hvg"]``
+    records the flavour, batch key, span, candidates and each batch's fit
+    (``trend_fits``: batch -> ``loess span S`` or ``quadratic``).
+    """
     batch_key = cfg.hvg_batch_key
     if batch_key is not None and batch_key not in adata.obs:
         raise InputError(
             f"preprocess.hvg_batch_key {batch_key!r} is not an obs column; columns are: "
             f"{', '.join(map(str, adata.obs.columns))}"
         )
-    spans = [cfg.hvg_span] + [x for x in (0.5, 0.7, 0.9) if x > cfg.hvg_span]
-    for i, span in enumerate(spans):
-        try:
-            _hvg_once(adata, n_top, batch_key, span, backend, device, chunk_size)
-        except ValueError as exc:  # skmisc's LOESS: "near singularities" on tiny batches
-            if i == len(spans) - 1 or "singular" not in str(exc):
-                raise
-            import warnings
-
-            warnings.warn(
-                f"seurat_v3 LOESS fit failed at span {span} ({exc!s}); this happens with small "
-                f"batches of '{batch_key}'. Retrying with span {spans[i + 1]}",
-                ImmuneageWarning,
-                stacklevel=2,
-            )
-            continue
-        adata.uns.setdefault(keys.UNS, {})["hvg_span_used"] = span
-        break
+    cand = (
+        adata.var[HVG_CANDIDATE].to_numpy(bool)
+        if HVG_CANDIDATE in adata.var
+        else np.ones(adata.n_vars, bool)
+    )
+    n_top = min(cfg.n_top_genes, int(cand.sum()))
+    if n_top < 1:
+        raise InputError(
+            f"no gene is detected in preprocess.min_cells_per_gene = {cfg.min_cells_per_gene} "
+            "cells: nothing to select highly variable genes from; lower min_cells_per_gene"
+        )
+    df, fits = _hvg_candidates(
+        adata, cand, n_top, batch_key, cfg.hvg_span, backend, device, chunk_size
+    )
+    _report_fits(fits, cfg.hvg_span, batch_key)
+    idx = np.flatnonzero(cand)
+    columns = {
+        "highly_variable": np.zeros(adata.n_vars, bool),
+        "highly_variable_rank": np.full(adata.n_vars, np.nan, np.float32),
+        "means": np.full(adata.n_vars, np.nan),
+        "variances": np.full(adata.n_vars, np.nan),
+        "variances_norm": np.full(adata.n_vars, np.nan),
+    }
+    if batch_key is not None:
+        columns["highly_variable_nbatches"] = np.zeros(adata.n_vars, np.int64)
+    for col, values in columns.items():
+        values[idx] = df[col].to_numpy()
+        adata.var[col] = values
+    adata.uns.setdefault(keys.UNS, {})["hvg"] = {
+        "flavor": "seurat_v3",
+        "batch_key": "none" if batch_key is None else batch_key,
+        "span": cfg.hvg_span,
+        "min_cells_per_gene": cfg.min_cells_per_gene,
+        "n_candidates": int(cand.sum()),
+        "trend_fits": fits,
+        "fallback": any(f != f"loess span {cfg.hvg_span:g}" for f in fits.values()),
+    }
     forced = adata.var_names.isin(cfg.hvg_include)
     absent = sorted(set(cfg.hvg_include) - set(adata.var_names))
     if absent:
-        import warnings
-
         warnings.warn(
             f"preprocess.hvg_include: {len(absent)} genes are not in the data after filtering "
             f"and are not forced in: {', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}",
@@ -232,43 +292,94 @@ def highly_variable(
     adata.var["highly_variable"] = adata.var["highly_variable"].to_numpy(bool) | forced
 
 
-def _hvg_once(
+def _report_fits(fits: dict[str, str], span: float, batch_key: str | None) -> None:
+    """Log widened spans (routine on small batches); warn once for quadratic trends."""
+    widened = {b: f for b, f in fits.items() if f not in (f"loess span {span:g}", "quadratic")}
+    if widened:
+        log.info(
+            "preprocess: seurat_v3 LOESS at span %g failed for %d batch(es) of %s; refitted "
+            "with a wider span: %s",
+            span,
+            len(widened),
+            batch_key or "all cells",
+            ", ".join(f"{b} ({f})" for b, f in widened.items()),
+        )
+    quad = [b for b, f in fits.items() if f == "quadratic"]
+    if quad:
+        warnings.warn(
+            f"seurat_v3 LOESS failed at every span (up to 0.9) for {len(quad)} batch(es) of "
+            f"{batch_key or 'all cells'!r}: {', '.join(quad[:10])}{' ...' if len(quad) > 10 else ''}"
+            " (too few cells or genes for a local fit); their mean-variance trend is one "
+            "quadratic of log variance on log mean instead (uns['immuneage']['hvg']['trend_fits'])",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
+
+
+def _hvg_candidates(
     adata: ad.AnnData,
+    cand: np.ndarray,
     n_top: int,
     batch_key: str | None,
     span: float,
     backend: str,
     device: Any,
-    chunk_size: int | None = None,
-) -> None:
-    if backend == "kernels":
-        from ..kernels import hvg_seurat_v3
+    chunk_size: int | None,
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Seurat v3 on the candidate genes' counts: scanpy's columns and each batch's trend fit."""
+    from ..kernels import hvg_seurat_v3
+    from ..kernels.hvg import is_loess_error
+    from ..kernels.sparse import is_row_source
 
-        batch = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-        df = hvg_seurat_v3(
-            adata.layers[keys.COUNTS],
-            n_top_genes=n_top,
-            batch=batch,
-            span=span,
-            device=device,
-            gene_names=adata.var_names,
-            **({"chunk_size": chunk_size} if chunk_size else {}),
-        )
-        for col in df.columns:
-            adata.var[col] = df[col].to_numpy()
+    counts = adata.layers[keys.COUNTS]
+    every = bool(cand.all())
+    genes = np.flatnonzero(cand)
+    if is_row_source(counts):
+        from ..io.ondisk import SubsetRows
+
+        sub = counts if every else SubsetRows(counts, None, genes, dtype=np.float32)
     else:
+        sub = sp.csr_matrix(counts) if every else sp.csr_matrix(counts)[:, genes]
+    batch = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+    if backend != "kernels" and not is_row_source(sub):
         # rapids-singlecell's seurat_v3 follows scanpy's; the counts -> host fit is the same.
         import scanpy as sc
 
-        sc.pp.highly_variable_genes(
-            adata,
-            flavor="seurat_v3",
-            layer=keys.COUNTS,
-            n_top_genes=n_top,
-            batch_key=batch_key,
-            span=span,
-        )
-        adata.uns.pop("hvg", None)
+        tmp = ad.AnnData(sub, var=pd.DataFrame(index=adata.var_names[genes]))
+        if batch is not None:
+            tmp.obs["batch"] = pd.Categorical(batch)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                sc.pp.highly_variable_genes(
+                    tmp,
+                    flavor="seurat_v3",
+                    n_top_genes=n_top,
+                    batch_key=None if batch is None else "batch",
+                    span=span,
+                )
+            labels = ["all cells"] if batch is None else sorted(set(batch))
+            return tmp.var, dict.fromkeys(labels, f"loess span {span:g}")
+        except ValueError as exc:
+            if not is_loess_error(exc):
+                raise
+            log.info(
+                "preprocess: scanpy's seurat_v3 LOESS failed (%s); fitting each batch with the "
+                "kernels' seurat_v3 and its span fallback",
+                str(exc).strip("b'\""),
+            )
+        device = "cpu"
+    df = hvg_seurat_v3(
+        sub,
+        n_top_genes=n_top,
+        batch=batch,
+        span=span,
+        on_fit_error="fallback",
+        device=device,
+        gene_names=adata.var_names[genes],
+        **({"chunk_size": chunk_size} if chunk_size else {}),
+    )
+    return df, dict(df.attrs["trend_fits"])
 
 
 def pca(
@@ -376,8 +487,10 @@ def run_preprocess(
     ``var["highly_variable_rank"]``, ``var["means"]``, ``var["variances"]``,
     ``var["variances_norm"]``, ``var["highly_variable_nbatches"]`` (with a
     batch key), ``var["hvg_forced"]``, ``var["n_cells_by_counts"]``,
-    ``obsm["X_pca"]``, ``varm["PCs"]``, ``uns["pca"]`` and
-    ``uns["immuneage"]["preprocess"]`` (backend, cell and gene counts).
+    ``var["hvg_candidate"]``, ``obsm["X_pca"]``, ``varm["PCs"]``,
+    ``uns["pca"]``, ``uns["immuneage"]["hvg"]`` (flavour, span, each batch's
+    trend fit, see :func:`highly_variable`) and ``uns["immuneage"]["preprocess"]``
+    (backend, cell and gene counts, HVG candidates).
     """
     p = cfg.preprocess
     backend = "kernels" if cfg.backed else choose_backend(cfg.backend, device)
@@ -402,6 +515,7 @@ def run_preprocess(
         "n_cells_out": out.n_obs,
         "n_genes_in": n_genes_in,
         "n_genes_out": out.n_vars,
+        "n_hvg_candidates": int(out.var[HVG_CANDIDATE].sum()),
         "n_hvg": int(out.var["highly_variable"].sum()),
     }
     hvg = out.var.loc[
