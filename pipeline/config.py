@@ -498,8 +498,13 @@ class ScoreConfig(_Section):
         description="A set with fewer genes found in the data than this is too small.",
     )
     on_small_set: Literal["error", "skip"] = Field(
-        default="error",
-        description="What to do with a set below min_genes: 'error' stops the run naming the set and its missing genes; 'skip' warns and leaves it out.",
+        default="skip",
+        description=(
+            "What to do with a set below min_genes: 'skip' warns, labels it 'skipped' in "
+            "tables/signature_coverage.tsv and the report, and leaves it out; 'error' (strict "
+            "runs) stops naming the set and its missing genes. No set scorable is an error "
+            "either way."
+        ),
     )
     method: Literal["score_genes", "aucell", "ulm"] = Field(
         default="score_genes",

@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.genesets import builtin_sets, load_aliases, read_gmt, resolve_sets
 from pipeline.kernels.scoring import gene_means, weighted_scores
+from pipeline.report.render import skipped_signatures_note
 from pipeline.stages.score import (
     SCORES_KEY,
     control_genes,
@@ -167,7 +168,7 @@ def test_stage_scores_coverage_and_outputs_with_old_symbols():
 def test_small_set_is_an_error_naming_missing_genes_or_skipped():
     a = _with_symbols(["CCR7", "SELL", "TCF7"])
     with pytest.raises(InputError, match=r"'t_naive' has 3 of its 7 genes.*LEF1, IL7R, CD27, CD28"):
-        run_score(a, _cfg(genesets=["t_naive"]))
+        run_score(a, _cfg(genesets=["t_naive"], on_small_set="error"))
     with pytest.warns(UserWarning, match="skipped"):
         res = run_score(
             a,
@@ -186,10 +187,44 @@ def test_small_set_is_an_error_naming_missing_genes_or_skipped():
         .startswith("skipped")
     )
     with (
-        pytest.raises(InputError, match="no gene set has enough genes"),
+        pytest.raises(InputError, match=r"no gene set has at least score\.min_genes = 5"),
         pytest.warns(UserWarning, match="skipped"),
     ):
         run_score(a, _cfg(genesets=["t_naive"], on_small_set="skip"))
+
+
+def test_small_sets_are_skipped_by_default_with_one_warning():
+    a = _with_symbols(["CCR7", "SELL", "TCF7", "IL1A", "CXCL8", "CCL2"])
+    assert load_config(None).score.on_small_set == "skip"
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        res = run_score(
+            a, _cfg(genesets=["t_naive", "sasp"], custom={"ok": ["F1", "F2", "F3", "F4", "F5"]})
+        )
+    msgs = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(msgs) == 1
+    assert "'t_naive' has 3 of its 7" in msgs[0] and "'sasp' has 3 of its 8" in msgs[0]
+    assert "IL6" in msgs[0] and "TNF" in msgs[0]
+    cov = res.tables["signature_coverage"].set_index("signature")
+    assert cov.loc["sasp", "status"] == "skipped: < 5 genes"
+    assert set(cov.loc["sasp", "genes_missing"].split(",")) == {
+        "IL6",
+        "TNF",
+        "MMP1",
+        "MMP3",
+        "IGFBP7",
+    }
+    assert cov.loc["ok", "status"] == "scored"
+    assert list(res.adata.uns["immuneage"]["signatures"]) == ["ok"]
+    # the report's signatures section names them and their missing genes
+    note = skipped_signatures_note(res.tables["signature_coverage"])
+    assert "2 gene set(s)" in note and "sasp (3 of 8 genes found; missing IL6, TNF" in note
+    assert skipped_signatures_note(res.tables["signature_coverage"].iloc[2:]) is None
+    # nothing scorable stays an error with the default
+    with (
+        pytest.raises(InputError, match="nothing can be scored"),
+        pytest.warns(UserWarning, match="skipped"),
+    ):
+        run_score(a, _cfg(genesets=["sasp"]))
 
 
 def test_unknown_builtin_and_bad_gmt_are_input_errors(tmp_path):

@@ -538,6 +538,22 @@ class _Figures:
         section.blocks.append(block)
 
 
+def skipped_signatures_note(coverage: pd.DataFrame) -> str | None:
+    """The line naming the gene sets the score stage skipped and their missing genes."""
+    skipped = coverage[coverage["status"].astype(str).str.startswith("skipped")]
+    if skipped.empty:
+        return None
+    parts = []
+    for r in skipped.itertuples(index=False):
+        missing = [g for g in str(r.genes_missing).split(",") if g and g != "nan"]
+        shown = ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else "")
+        parts.append(f"{r.signature} ({r.n_found} of {r.n_genes} genes found; missing {shown})")
+    return (
+        f"Not scored: {len(parts)} gene set(s) with fewer genes in the data than "
+        f"score.min_genes: {'; '.join(parts)}."
+    )
+
+
 def _contrast_label(con: str) -> str:
     return con.replace("_vs_", " vs ").replace("_", " ")
 
@@ -828,6 +844,8 @@ def build_report(
                 collapsed=True,
             )
         )
+        if (skipped_note := skipped_signatures_note(coverage)) is not None:
+            s.note(skipped_note, kind="missing")
     else:
         s.note("tables/signature_coverage.tsv is absent: no signature was scored.", kind="missing")
     if means is not None:

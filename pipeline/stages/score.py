@@ -7,8 +7,10 @@ Gene sets
     directly or through the shipped HGNC alias table (``TMEM173`` <-> ``STING1``,
     ``MB21D1`` <-> ``CGAS``, ``IL8`` <-> ``CXCL8`` ...). A set with fewer genes
     found than ``score.min_genes`` is an :class:`~pipeline.errors.InputError`
-    naming it and its missing genes, or (``score.on_small_set: skip``) a warning
-    and no score.
+    naming it and its missing genes (``score.on_small_set: error``), or, by
+    default (``skip``), a warning naming every skipped set and its missing genes,
+    ``skipped`` in ``tables/signature_coverage.tsv`` and no score. When no set
+    can be scored the stage stops with an error.
 
 ``score_genes`` (default)
     The semantics of :func:`scanpy.tl.score_genes` with ``random_state=seed``,
@@ -282,24 +284,38 @@ def check_config(cfg: Config, sheet: object = None) -> None:
 
 
 def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, list[str]]:
+    """The sets to score; sets below ``min_genes`` raise or are skipped with one warning."""
     small = {n: r for n, r in resolved.items() if len(r.found) < cfg.min_genes}
-    for name, r in small.items():
-        msg = (
+
+    def describe(name: str, r: ResolvedSet) -> str:
+        missing = ", ".join(r.missing[:40]) + (" ..." if len(r.missing) > 40 else "")
+        return (
             f"gene set {name!r} has {len(r.found)} of its {len(r.geneset.genes)} genes in the "
-            f"data, fewer than score.min_genes = {cfg.min_genes}; missing: "
-            f"{', '.join(r.missing[:40])}{' ...' if len(r.missing) > 40 else ''}"
+            f"data, fewer than score.min_genes = {cfg.min_genes}; missing: {missing}"
         )
-        if cfg.on_small_set == "error":
-            raise InputError(
-                msg + " (lower score.min_genes, check the gene symbols / the reference the data "
-                "was built on, or set score.on_small_set: skip)"
-            )
-        warnings.warn(msg + "; skipped (score.on_small_set: skip)", ImmuneageWarning, stacklevel=3)
+
+    if small and cfg.on_small_set == "error":
+        name, r = next(iter(small.items()))
+        raise InputError(
+            describe(name, r)
+            + " (lower score.min_genes, check the gene symbols / the reference the data "
+            "was built on, or set score.on_small_set: skip)"
+        )
+    if small:
+        warnings.warn(
+            f"{len(small)} gene set(s) skipped (score.on_small_set: skip): "
+            + "; ".join(describe(n, r) for n, r in small.items())
+            + ". See tables/signature_coverage.tsv",
+            ImmuneageWarning,
+            stacklevel=3,
+        )
     sets = {n: r.found for n, r in resolved.items() if n not in small}
     if not sets:
         raise InputError(
-            "score: no gene set has enough genes in the data to be scored; see the coverage in "
-            "the messages above"
+            f"score: no gene set has at least score.min_genes = {cfg.min_genes} genes in the "
+            "data, so nothing can be scored; see the coverage in the message above (check the "
+            "gene symbols / the reference, lower score.min_genes, or add sets with score.gmt / "
+            "score.custom)"
         )
     return sets
 
@@ -326,7 +342,8 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
     ------
     InputError
         Unknown built-in set, unreadable GMT, a set too small with
-        ``on_small_set: error``, or ``aucell`` / ``ulm`` on an on-disk ``X``.
+        ``on_small_set: error``, no set large enough to score, or ``aucell`` /
+        ``ulm`` on an on-disk ``X``.
     """
     scfg = cfg.score
     check_config(cfg)
