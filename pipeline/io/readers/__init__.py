@@ -51,8 +51,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .. import keys
-from ..errors import DataFileError, ImmuneageWarning
+from ... import keys
+from ...errors import DataFileError, ImmuneageWarning
 
 __all__ = [
     "FORMATS",
