@@ -172,7 +172,8 @@ def gmt_missing_file(root: Path) -> str:
 
 def geneset_too_small(root: Path) -> str:
     # found only at the score stage (needs the data's genes): everything made is removed
-    _config_with(root, {"score": {"custom": {"tiny": ["G1", "G2", "NOTAGENE"]}}})
+    small = {"custom": {"tiny": ["G1", "G2", "NOTAGENE"]}, "on_small_set": "error"}
+    _config_with(root, {"score": small})
     return "'tiny' has 2 of its 3 genes"
 
 

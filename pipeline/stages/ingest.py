@@ -32,8 +32,8 @@ from ..io.samplesheet import LIBRARY, LibraryRow, SampleRow, SampleSheet
 from ._base import StageResult
 
 __all__ = [
+    "LOWER_CASE_SHARE",
     "READ_FIELDS",
-    "TITLE_CASE_SHARE",
     "SpeciesEvidence",
     "check_gene_content",
     "ingest_sample",
@@ -225,7 +225,8 @@ def _concat_libraries(row: SampleRow, parts: list[AnnData], cfg: Config) -> AnnD
         if column == keys.TIMEPOINT:
             obs[column] = _timepoint_categorical(obs[column].astype(str), cfg)
         elif column != keys.BARCODE:
-            obs[column] = pd.Categorical(obs[column].astype(str))
+            values = obs[column].astype(str)
+            obs[column] = pd.Categorical(values, categories=list(dict.fromkeys(values)))
     out = AnnData(
         X=x,
         obs=obs,
@@ -548,10 +549,11 @@ def run_ingest_merge(adatas: Sequence[AnnData], cfg: Config) -> StageResult:
 
 # --------------------------------------------------------------------------- checks before compute
 
-#: A sample whose gene symbols are at least this share title-case (``Cd3e``) looks non-human.
-TITLE_CASE_SHARE = 0.5
-_TITLE_CASE = re.compile(r"^[A-Z][a-z0-9]*[a-z][a-z0-9.-]*$")  # Cd3e, Lyz2, Gm12345; not CD3E
+#: A sample whose gene symbols have lower-case letters at least this often looks non-human.
+LOWER_CASE_SHARE = 0.5
+_LOWER = re.compile(r"[a-z]")  # Cd3e (mouse, rat), cd3eap (zebrafish); not CD3E
 _HAS_LETTER = re.compile(r"[A-Za-z]")
+_FAMILIAR = ("Cd3e", "Ptprc", "Cd74", "Lyz2", "Actb", "B2m", "Cd14", "Ms4a1", "cd74a", "actb1")
 _N_LISTED = 5
 
 
@@ -561,20 +563,22 @@ class SpeciesEvidence:
 
     Attributes
     ----------
-    title_case_share
-        Share of symbols (names with a letter, Ensembl ids left out) written
-        in title case, like mouse symbols (``Cd3e``, ``Lyz2``).
+    lower_case_share
+        Share of symbols (names with a letter, Ensembl ids left out) with
+        lower-case letters, like mouse (``Cd3e``, ``Lyz2``) or zebrafish
+        (``cd74a``) symbols; human symbols are upper-case (about 2% exceptions
+        such as ``C1orf112``).
     examples
-        A few of those title-case symbols.
+        A few of those symbols.
     n_mt_lower
-        Genes starting with ``mt-`` (mouse mitochondrial genes).
+        Genes starting with ``mt-`` (mouse, rat and zebrafish mitochondrial genes).
     n_human_mt
         Genes starting with ``MT-`` (human mitochondrial genes).
     n_mouse_ids
         Names that are mouse Ensembl ids (``ENSMUSG...``).
     """
 
-    title_case_share: float
+    lower_case_share: float
     examples: tuple[str, ...]
     n_mt_lower: int
     n_human_mt: int
@@ -584,7 +588,7 @@ class SpeciesEvidence:
     def non_human(self) -> bool:
         """Whether the names look like mouse (or another non-human species)."""
         return (
-            self.title_case_share >= TITLE_CASE_SHARE
+            self.lower_case_share >= LOWER_CASE_SHARE
             or self.n_mouse_ids > 0
             or (self.n_mt_lower > 0 and self.n_human_mt == 0)
         )
@@ -592,10 +596,11 @@ class SpeciesEvidence:
     def describe(self) -> str:
         """The evidence in words."""
         parts = []
-        if self.title_case_share >= TITLE_CASE_SHARE:
+        if self.lower_case_share >= LOWER_CASE_SHARE:
             shown = ", ".join(map(repr, self.examples))
             parts.append(
-                f"{self.title_case_share:.0%} of the gene symbols are title-case (e.g. {shown})"
+                f"{self.lower_case_share:.0%} of the gene symbols have lower-case letters, "
+                f"title-case like mouse symbols (e.g. {shown}); human symbols are upper-case"
             )
         if self.n_mt_lower:
             parts.append(f"{self.n_mt_lower} gene(s) start with 'mt-'")
@@ -617,15 +622,16 @@ def species_evidence(genes: Sequence[str]) -> SpeciesEvidence:
     A :class:`SpeciesEvidence`.
     """
     names = [str(g) for g in genes]
-    mouse_ids = [g for g in names if g.startswith("ENSMUS")]
     symbols = [g for g in names if _HAS_LETTER.search(g) and not g.startswith("ENS")]
-    title = [g for g in symbols if _TITLE_CASE.match(g)]
+    lower = [g for g in symbols if _LOWER.search(g)]
+    present = set(lower)
+    examples = [g for g in _FAMILIAR if g in present] + sorted(present)
     return SpeciesEvidence(
-        title_case_share=len(title) / len(symbols) if symbols else 0.0,
-        examples=tuple(title[:3]),
+        lower_case_share=len(lower) / len(symbols) if symbols else 0.0,
+        examples=tuple(dict.fromkeys(examples))[:3],
         n_mt_lower=sum(g.startswith("mt-") for g in names),
         n_human_mt=sum(g.startswith("MT-") for g in names),
-        n_mouse_ids=len(mouse_ids),
+        n_mouse_ids=sum(g.startswith("ENSMUS") for g in names),
     )
 
 
@@ -694,9 +700,9 @@ def check_gene_content(
     Raises
     ------
     DataFileError
-        Samples look non-human (title-case symbols, ``mt-`` genes, ENSMUS ids)
-        and ``ingest.species_check`` is ``"error"``: the shipped marker panel
-        and gene sets are human.
+        Samples look non-human (lower-case letters in most symbols, ``mt-``
+        genes, ENSMUS ids) and ``ingest.species_check`` is ``"error"``: the
+        shipped marker panel and gene sets are human.
 
     Warns
     -----
