@@ -69,6 +69,11 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _joined(values: Sequence[str]) -> str:
+    """One value for a sample's libraries: theirs when all agree, else all joined with "; "."""
+    return values[0] if len(set(values)) == 1 else _JOIN.join(values)
+
+
 def _read_library(row: SampleRow, lib: LibraryRow, cfg: Config) -> AnnData:
     """Read one library of ``row`` and give its cells the sheet's metadata."""
     adata = read_counts(lib.path, sample=row.sample, **lib.reader_options(cfg.ingest))
@@ -152,8 +157,9 @@ def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
     ``uns["immuneage"]["ingest"]``
         ``{"sample", "source", "format", "libraries", "read"}``: ``read`` holds
         :data:`READ_FIELDS` from the reader's ``uns["immuneage"]["read"]`` as
-        strings; a sample's several libraries are joined with ``"; "`` in
-        sheet order (``libraries``: their names, ``""`` when unnamed).
+        strings; for a sample of several libraries, a value they share once,
+        else theirs joined with ``"; "`` in sheet order (``libraries``: their
+        names, ``""`` when unnamed).
 
     Raises
     ------
@@ -194,10 +200,10 @@ def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
     adata.uns[keys.UNS] = {
         "ingest": {
             "sample": row.sample,
-            "source": _JOIN.join(i["source"] for i in infos),
-            "format": _JOIN.join(dict.fromkeys(i["format"] for i in infos)),
-            "libraries": _JOIN.join(lib.library for lib in row.libraries),
-            "read": {f: _JOIN.join(i["read"][f] for i in infos) for f in READ_FIELDS},
+            "source": _joined([i["source"] for i in infos]),
+            "format": _joined([i["format"] for i in infos]),
+            "libraries": _joined([lib.library for lib in row.libraries]),
+            "read": {f: _joined([i["read"][f] for i in infos]) for f in READ_FIELDS},
         },
     }
     return adata
@@ -519,8 +525,9 @@ def ingest_table(adatas: Sequence[AnnData]) -> pd.DataFrame:
 
     Columns: ``sample, donor, timepoint, format, n_cells, n_genes, source``,
     the reader's record (:data:`READ_FIELDS`: ``file, counts_source,
-    symbols_from, raw_matrix, other_features``) and ``libraries``; a sample's
-    several libraries are joined with ``"; "`` in sheet order.
+    symbols_from, raw_matrix, other_features``) and ``libraries``; for a
+    sample of several libraries, a value they share once, else theirs joined
+    with ``"; "`` in sheet order.
     """
     rows = []
     for a in adatas:
