@@ -216,7 +216,9 @@ class Runner:
     Parameters
     ----------
     samplesheet
-        CSV with ``sample, donor, timepoint, path`` (+ extra columns).
+        CSV with ``sample, donor, timepoint, path``, optionally ``library``,
+        ``counts_layer``, ``symbol_column`` (+ extra columns); see
+        :mod:`pipeline.io.samplesheet`.
     config
         The validated configuration.
     outdir

@@ -285,3 +285,23 @@ def test_merge_obsm_outer_columns_zero_filled() -> None:
         adt.to_numpy(), [[5, 1, 0], [6, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 7], [2, 0, 8]]
     )
     assert list(adt.index) == list(names)
+
+
+def test_libraries_with_different_genes_follow_gene_policy(tmp_path: Path) -> None:
+    from pipeline.io.samplesheet import LibraryRow
+
+    a = write_10x_h5(make_counts(genes(50), 20, seed=1), tmp_path / "l1.h5")
+    b = write_10x_mtx(make_counts(genes(50, start=5), 21, seed=2), tmp_path / "l2_mtx")
+    libs = (LibraryRow("L1", a, 2), LibraryRow("L2", b, 3))
+    r = SampleRow("S1", "D1", "baseline", a, 2, {"age": "30"}, libraries=libs)
+    with pytest.warns(ImmuneageWarning, match=r"'L1', 'L2'.*45 genes"):
+        out = ingest_sample(r, config())
+    assert out.n_obs == 41 and list(out.var_names) == genes(45, start=5)
+    assert list(out.obs["library"].cat.categories) == ["L1", "L2"]
+    assert out.obs_names[0].startswith("S1:L1:") and out.obs_names[-1].startswith("S1:L2:")
+    assert out.var[keys.GENE_IDS].iloc[0] == "ID_G5_1"  # the first library's id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImmuneageWarning)
+        outer = ingest_sample(r, config(gene_policy="outer"))
+    assert outer.n_vars == 55
+    assert outer.X[20:, :5].nnz == 0  # genes L2 lacks count 0 in its cells
