@@ -230,8 +230,7 @@ class QCConfig(_Section):
             "'adaptive': per sample, cells outside median +/- nmads MADs of log counts and log genes, "
             "or above median + nmads MADs of % mitochondrial, are removed (each MAD raised to "
             "mad_floor_log / mad_floor_pct_mt when smaller), combined with the fixed bounds below "
-            "(the stricter wins; a fixed lower bound above the sample's lower quartile is not "
-            "applied and is warned); 'fixed': only the bounds below. tables/qc_per_sample.tsv names the rule "
+            "(the stricter wins); 'fixed': only the bounds below. tables/qc_per_sample.tsv names the rule "
             "behind each bound."
         ),
     )
@@ -270,9 +269,17 @@ class QCConfig(_Section):
         default=200,
         ge=0,
         description=(
-            "Fixed lower bound on genes detected per cell (both modes; in adaptive mode not "
-            "applied to a sample where more than a quarter of the cells have fewer, e.g. a gene "
-            "panel)."
+            "Fixed lower bound on genes detected per cell (both modes), for a whole "
+            "transcriptome: scaled by n_genes / min_genes_reference on narrower matrices."
+        ),
+    )
+    min_genes_reference: int = Field(
+        default=20000,
+        ge=1,
+        description=(
+            "Genes of a whole-transcriptome matrix, the scale of min_genes: a matrix with fewer "
+            "genes (a gene panel, a reduced matrix) gets min_genes x n_genes / this (200 -> 8 "
+            "on 765 genes), recorded as rule 'fixed (scaled ...)' and warned."
         ),
     )
     max_genes: int | None = Field(

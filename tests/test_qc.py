@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from pipeline.config import load_config
 from pipeline.errors import ImmuneageWarning, InputError
-from pipeline.stages.qc import gene_masks, merge_qc, qc_sample, qc_thresholds
+from pipeline.stages.qc import gene_masks, merge_qc, qc_sample, qc_thresholds, threshold_rules
 
 GENES = (
     [f"MT-{g}" for g in ("ND1", "ND2", "CO1", "CO2", "ATP6", "CO3", "ND4", "CYB")]
@@ -281,17 +281,24 @@ def test_adaptive_rule_still_removes_real_outliers():
     assert rules["max_pct_mt"] in ("adaptive", "fixed")  # real spread: no floor needed
 
 
-def test_fixed_floor_above_lower_quartile_is_not_applied_and_warned():
-    a, kind = _sample()
-    cfg = load_config(None, {"qc": {"doublets": "none", "min_genes": 500}})
-    out = qc_sample(a, cfg)  # good cells detect ~450 of 600 genes: 500 is above most
-    info = out.uns["immuneage"]["qc"]
-    assert info["rules"]["min_genes"].endswith("fixed bound above lower quartile not applied")
-    assert info["thresholds"]["min_genes"] < 500
-    assert out.obs.loc[kind == "good", "qc_pass"].mean() > 0.97
-    with pytest.warns(ImmuneageWarning, match=r"qc.min_genes = 500 .* not applied"):
-        table = merge_qc([out], cfg).tables["qc_per_sample"]
-    assert "not applied" in table.loc[0, "rule_min_genes"]
-    # fixed mode applies the bound as given
-    fixed = load_config(None, {"qc": {"doublets": "none", "min_genes": 500, "mode": "fixed"}})
-    assert qc_thresholds(out.obs, fixed.qc)["min_genes"] == 500
+def test_min_genes_is_scaled_to_a_narrow_matrix_and_warned():
+    from pipeline.datasets.real import pbmc68k_counts
+
+    src = pbmc68k_counts()  # 765 genes: a cell detects ~240 of them
+    a = _as_sample(src.X, list(src.var_names))
+    cfg = load_config(None, {"qc": {"doublets": "none"}})
+    t, rules, _ = threshold_rules(qc_sample(a, cfg).obs, cfg.qc, a.n_vars)
+    out = qc_sample(a, cfg)
+    assert out.uns["immuneage"]["qc"]["min_genes_fixed"] == pytest.approx(200 * 765 / 20000)
+    assert out.obs["qc_pass"].mean() > 0.95  # unscaled, 200 genes would remove ~10 %
+    assert t["min_genes"] >= 200 * 765 / 20000
+    with pytest.warns(ImmuneageWarning, match=r"qc.min_genes = 200 .* scaled to 7.65 genes"):
+        merge_qc([out], cfg)
+    # a matrix as wide as the reference keeps the bound as given
+    wide = load_config(None, {"qc": {"doublets": "none", "min_genes_reference": 700}})
+    assert threshold_rules(out.obs, wide.qc, 765)[1]["min_genes"] in ("fixed", "adaptive")
+    fixed = load_config(None, {"qc": {"doublets": "none", "mode": "fixed"}})
+    t, rules, _ = threshold_rules(out.obs, fixed.qc, 765)
+    assert t["min_genes"] == pytest.approx(7.65)
+    assert rules["min_genes"] == "fixed (scaled to 765 of 20000 genes)"
+    assert qc_thresholds(out.obs, fixed.qc)["min_genes"] == 200  # no matrix size: as given

@@ -8,9 +8,9 @@ Runs once per sample (one Slurm array task each) on that sample's raw counts:
 * outlier flags: adaptive thresholds (median +/- ``nmads`` unscaled median
   absolute deviations of log counts and log genes; median + ``nmads`` MADs of
   % mitochondrial; each MAD raised to a floor so that a metric without spread
-  never collapses its bound), plus any fixed bounds from the config (a fixed
-  lower bound above the sample's median is not applied); the rule behind each
-  bound is recorded (:func:`threshold_rules`);
+  never collapses its bound), plus any fixed bounds from the config
+  (``min_genes`` scaled down on matrices narrower than a whole transcriptome);
+  the rule behind each bound is recorded (:func:`threshold_rules`);
 * doublets with scrublet on the cells passing those filters (scanpy on CPU,
   rapids-singlecell on GPU); scores and calls in ``obs``.
 
@@ -133,16 +133,25 @@ BOUNDS = {
 }
 
 
-#: A fixed lower bound above this quantile of a sample's metric is not applied (adaptive mode).
-FIXED_FLOOR_QUANTILE = 0.25
-
-
 def _mad_floor(metric: str, cfg: QCConfig) -> float:
     return cfg.mad_floor_pct_mt if metric == "pct_counts_mt" else cfg.mad_floor_log
 
 
+def fixed_bounds(cfg: QCConfig, n_genes: int | None = None) -> dict[str, float | None]:
+    """The config's fixed bounds, ``min_genes`` scaled to a matrix of ``n_genes`` genes.
+
+    ``min_genes`` counts genes of a whole transcriptome (``qc.min_genes_reference``);
+    on a narrower matrix it becomes ``min_genes * n_genes / min_genes_reference``.
+    """
+    fixed: dict[str, float | None] = {b: getattr(cfg, b) for b in BOUNDS}
+    ref = cfg.min_genes_reference
+    if fixed["min_genes"] is not None and n_genes is not None and 0 < n_genes < ref:
+        fixed["min_genes"] = fixed["min_genes"] * n_genes / ref
+    return fixed
+
+
 def threshold_rules(
-    metrics: pd.DataFrame, cfg: QCConfig
+    metrics: pd.DataFrame, cfg: QCConfig, n_genes: int | None = None
 ) -> tuple[dict[str, float | None], dict[str, str], dict[str, float]]:
     """The bounds applied to one sample, the rule that set each, and the MADs.
 
@@ -155,13 +164,13 @@ def threshold_rules(
       the log metrics, ``qc.mad_floor_pct_mt`` for % mitochondrial): a metric
       without spread (one MT- gene detected in a few cells, a tiny or uniform
       sample) never collapses the bound onto the median. The fixed bound, when
-      set, is combined with it (the stricter wins), except that a fixed *lower*
-      bound (``min_counts``, ``min_genes``) above the sample's lower quartile
-      (:data:`FIXED_FLOOR_QUANTILE`) is not applied: a floor against empty
-      droplets that would remove more than a quarter of the cells does not fit
-      the matrix (a gene panel, a reduced matrix, shallow sequencing); the
-      sample's adaptive bound applies and :func:`merge_qc` warns.
+      set, is combined with it (the stricter wins).
     * ``mode: fixed``: the fixed bounds only.
+
+    In both modes ``min_genes`` counts genes of a whole transcriptome: on a
+    matrix of ``n_genes`` < ``qc.min_genes_reference`` genes (a gene panel, a
+    reduced matrix) it is scaled by ``n_genes / min_genes_reference``, so 200
+    genes become 8 on a 765-gene matrix instead of removing most healthy cells.
 
     Parameters
     ----------
@@ -170,6 +179,8 @@ def threshold_rules(
         ``pct_counts_mt``, ``total_counts``, ``n_genes_by_counts``).
     cfg
         The ``qc`` section.
+    n_genes
+        Genes in the sample's matrix (``None``: ``min_genes`` is not scaled).
 
     Returns
     -------
@@ -177,15 +188,17 @@ def threshold_rules(
         ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes`` (in counts
         and genes, not logs) and ``max_pct_mt``; ``None`` where no bound applies.
     rules
-        Per bound: ``none``, ``fixed``, ``adaptive`` or ``adaptive (MAD floor)``;
-        ``; fixed bound above lower quartile not applied`` is appended where
-        that rule dropped the fixed bound.
+        Per bound: ``none``, ``fixed``, ``fixed (scaled to N of M genes)``
+        (``min_genes`` only), ``adaptive`` or ``adaptive (MAD floor)``.
     mads
         Per metric: the MAD measured (before any floor); empty in fixed mode.
     """
-    fixed: dict[str, float | None] = {b: getattr(cfg, b) for b in BOUNDS}
+    fixed = fixed_bounds(cfg, n_genes)
+    fixed_rule = dict.fromkeys(BOUNDS, "fixed")
+    if fixed["min_genes"] != cfg.min_genes:
+        fixed_rule["min_genes"] = f"fixed (scaled to {n_genes} of {cfg.min_genes_reference} genes)"
     out = dict(fixed)
-    rules = {b: ("none" if v is None else "fixed") for b, v in fixed.items()}
+    rules = {b: ("none" if v is None else fixed_rule[b]) for b, v in fixed.items()}
     mads: dict[str, float] = {}
     if cfg.mode == "adaptive" and len(metrics):
         k = cfg.nmads
@@ -202,12 +215,8 @@ def threshold_rules(
                 adaptive = float(np.expm1(adaptive))
             rule = "adaptive" if mad >= floor else "adaptive (MAD floor)"
             fix = fixed[bound]
-            quartile = float(np.expm1(np.quantile(values, FIXED_FLOOR_QUANTILE)))
-            if fix is not None and not upper and fix > quartile:
-                rules[bound] = rule + "; fixed bound above lower quartile not applied"
-                out[bound] = adaptive
-            elif fix is not None and (fix < adaptive if upper else fix > adaptive):
-                rules[bound], out[bound] = "fixed", fix
+            if fix is not None and (fix < adaptive if upper else fix > adaptive):
+                rules[bound], out[bound] = fixed_rule[bound], fix
             else:
                 rules[bound], out[bound] = rule, adaptive
     thresholds = {
@@ -217,7 +226,9 @@ def threshold_rules(
     return thresholds, rules, mads
 
 
-def qc_thresholds(metrics: pd.DataFrame, cfg: QCConfig) -> dict[str, float | None]:
+def qc_thresholds(
+    metrics: pd.DataFrame, cfg: QCConfig, n_genes: int | None = None
+) -> dict[str, float | None]:
     """The bounds applied to one sample (see :func:`threshold_rules` for the rules).
 
     Returns
@@ -225,7 +236,7 @@ def qc_thresholds(metrics: pd.DataFrame, cfg: QCConfig) -> dict[str, float | Non
     ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes`` (in counts and
     genes, not logs) and ``max_pct_mt``; ``None`` where no bound applies.
     """
-    return threshold_rules(metrics, cfg)[0]
+    return threshold_rules(metrics, cfg, n_genes)[0]
 
 
 def _flags(metrics: pd.DataFrame, t: dict[str, float | None]) -> pd.DataFrame:
@@ -318,7 +329,7 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     sample = str(adata.obs[keys.SAMPLE].iloc[0])
     masks = gene_masks(adata.var_names, q)
     metrics = _metrics(counts, masks, "scanpy" if backend == "scanpy" else backend, device)
-    thresholds, rules, mads = threshold_rules(metrics, q)
+    thresholds, rules, mads = threshold_rules(metrics, q, adata.n_vars)
     for bound, rule in rules.items():
         if rule not in ("adaptive", "fixed", "none"):
             log.info("qc: sample %r: %s = %s (%s)", sample, bound, thresholds[bound], rule)
@@ -377,6 +388,9 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
             "thresholds": {k: ("none" if v is None else v) for k, v in thresholds.items()},
             "rules": rules,
             "mads": mads,
+            "min_genes_fixed": "none"
+            if (fixed_min := fixed_bounds(q, adata.n_vars)["min_genes"]) is None
+            else fixed_min,
             "doublet_threshold": "none" if doublet_threshold is None else doublet_threshold,
             "failed": bool(failed),
             "dropped": dropped,
@@ -385,22 +399,21 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     return out
 
 
-def _warn_ignored_bounds(per_sample: dict[str, Any], cfg: QCConfig) -> None:
-    """One warning for the fixed lower bounds not applied (above a sample's median)."""
-    ignored: dict[str, list[str]] = {}
-    for sample, info in per_sample.items():
-        for bound, rule in info.get("rules", {}).items():
-            if "not applied" in rule:
-                ignored.setdefault(bound, []).append(sample)
-    for bound, samples in ignored.items():
-        shown = ", ".join(samples[:10]) + (" ..." if len(samples) > 10 else "")
+def _warn_scaled_floor(per_sample: dict[str, Any], cfg: QCConfig) -> None:
+    """One warning when ``min_genes`` was scaled down to a narrow matrix."""
+    scaled = {
+        s: info["min_genes_fixed"]
+        for s, info in per_sample.items()
+        if info.get("min_genes_fixed", "none") not in ("none", cfg.min_genes)
+    }
+    if scaled:
+        values = sorted({f"{v:.3g}" for v in scaled.values()})
         warnings.warn(
-            f"qc.{bound} = {getattr(cfg, bound)} lies above the lower quartile of the cells of "
-            f"{len(samples)} sample(s) ({shown}) and is not applied there (it would remove more "
-            "than a quarter of their cells: a gene panel, a reduced matrix or shallow "
-            "sequencing?); their adaptive bound applies. Set qc.mode: "
-            "fixed to apply the fixed bounds as given. See the rule_* columns of "
-            "tables/qc_per_sample.tsv",
+            f"qc.min_genes = {cfg.min_genes} assumes a whole transcriptome, but the matrix of "
+            f"{len(scaled)} sample(s) has fewer genes than qc.min_genes_reference = "
+            f"{cfg.min_genes_reference} (a gene panel or a reduced matrix?): the floor was "
+            f"scaled to {', '.join(values)} genes there (rule_min_genes in "
+            "tables/qc_per_sample.tsv)",
             ImmuneageWarning,
             stacklevel=3,
         )
@@ -416,8 +429,8 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
     table ``qc_per_sample``: sample, donor, timepoint, cells_in, removed by
     each reason (a cell can fail several), cells_out, the thresholds, the rule
     that set each threshold (``rule_<threshold>``), doublet threshold and
-    whether the sample was dropped. A fixed lower bound left out because it
-    lies above a sample's median is warned once, naming the samples.
+    whether the sample was dropped. A ``min_genes`` scaled down to a narrow
+    matrix is warned once.
     """
     rows = []
     per_sample: dict[str, Any] = {}
@@ -446,7 +459,7 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
         row["dropped"] = bool(info["dropped"])
         rows.append(row)
         per_sample[info["sample"]] = {k: v for k, v in info.items() if k != "sample"}
-    _warn_ignored_bounds(per_sample, cfg.qc)
+    _warn_scaled_floor(per_sample, cfg.qc)
     merged = ad.concat(list(units), join="outer", merge="same")
     tp = pd.Categorical(
         merged.obs[keys.TIMEPOINT].astype(str), categories=cfg.design.timepoints, ordered=True
