@@ -189,10 +189,11 @@ class AmbientConfig(_Section):
         description=(
             "'none': counts as read. 'decontx': DecontX (decontx-scanpy) per-cell ambient fractions, "
             "from the filtered matrix alone or anchored on the raw matrix's empty droplets; about "
-            "1-3 s per 1,000 cells here (2-core CPU, plus ~5-10 s per sample of clustering). "
+            "15 s per 1,000 cells of 32,786 genes on the 2-core test VM (clustering included), plus "
+            "a one-off ~20-40 s of library warm-up per process. "
             "'soupx': SoupX (optional soupx-python, GPL-2.0, install it yourself), one fraction per "
             "sample, needs the raw matrix (raw_feature_bc_matrix.h5 beside the filtered one); its "
-            "pure-Python loops take minutes per 1,000 cells. Corrected counts replace "
+            "pure-Python loops make it several times slower than decontx (benchmarks/RESULTS.md). Corrected counts replace "
             "layers['counts'] (rounded to integers keeping each cell's total); the originals stay "
             "in layers['counts_uncorrected']."
         ),
