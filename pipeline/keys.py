@@ -15,6 +15,9 @@ SAMPLE = "sample"
 DONOR = "donor"
 TIMEPOINT = "timepoint"
 BARCODE = "barcode"
+#: The library (10x lane / GEM well) of a cell: an optional sample-sheet column,
+#: written to obs by ingest when the sheet names libraries.
+LIBRARY = "library"
 #: Columns every sample sheet must have, in this order.
 SHEET_REQUIRED = (SAMPLE, DONOR, TIMEPOINT, "path")
 

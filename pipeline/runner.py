@@ -97,8 +97,6 @@ class ValidationReport:
         symbols come from, and the path."""
         import pandas as pd
 
-        from .io.samplesheet import LIBRARY
-
         rows = []
         for row, sums in zip(self.sheet.rows, self.summaries, strict=True):
             for lib, s in zip(row.libraries, sums, strict=True):
@@ -107,7 +105,11 @@ class ValidationReport:
                         keys.SAMPLE: row.sample,
                         keys.DONOR: row.donor,
                         keys.TIMEPOINT: row.timepoint,
-                        **({LIBRARY: lib.library} if LIBRARY in self.sheet.option_columns else {}),
+                        **(
+                            {keys.LIBRARY: lib.library}
+                            if keys.LIBRARY in self.sheet.option_columns
+                            else {}
+                        ),
                         "format": s.format,
                         "n_cells": s.n_cells,
                         "n_genes": s.n_genes,
@@ -133,16 +135,16 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
     Reads the sheet, runs the stages' config checks, inspects every library's
     file with its reading options (``counts_layer``, ``symbol_column``), then
     checks the genes: enough shared by all samples, the species (see
-    :func:`~pipeline.stages.ingest.check_gene_content`) and the QC prefixes.
+    :func:`~pipeline.io.checks.check_gene_content`) and the QC prefixes.
 
     Raises
     ------
     InputError
         The first problem found, naming the file, row, column or gene.
     """
+    from .io.checks import check_gene_content
     from .io.readers import inspect_counts
     from .io.samplesheet import read_samplesheet
-    from .stages.ingest import check_gene_content
 
     policy = cfg.ingest.gene_policy
     with warnings.catch_warnings(record=True) as caught:

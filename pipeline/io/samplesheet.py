@@ -38,7 +38,6 @@ from ..errors import ImmuneageWarning, SampleSheetError
 
 __all__ = [
     "COUNTS_LAYER",
-    "LIBRARY",
     "OPTION_COLUMNS",
     "RESERVED_COLUMNS",
     "SYMBOL_COLUMN",
@@ -48,14 +47,12 @@ __all__ = [
     "read_samplesheet",
 ]
 
-#: Optional column: the library (lane, GEM well) of a line; also the obs column ingest writes.
-LIBRARY = "library"
 #: Optional column: where an .h5ad file keeps the raw counts (per line; empty = config default).
 COUNTS_LAYER = "counts_layer"
 #: Optional column: the var column holding gene symbols (per line; empty = config default).
 SYMBOL_COLUMN = "symbol_column"
 #: Optional columns that say how to read a line's file; not carried into obs.
-OPTION_COLUMNS: tuple[str, ...] = (LIBRARY, COUNTS_LAYER, SYMBOL_COLUMN)
+OPTION_COLUMNS: tuple[str, ...] = (keys.LIBRARY, COUNTS_LAYER, SYMBOL_COLUMN)
 #: Extra columns that would clash with an obs column the pipeline writes.
 RESERVED_COLUMNS: tuple[str, ...] = (keys.BARCODE,)
 
@@ -210,7 +207,7 @@ class SampleSheet:
                 keys.TIMEPOINT: r.timepoint,
                 "path": str(lib.path),
                 "row": lib.row,
-                LIBRARY: lib.library,
+                keys.LIBRARY: lib.library,
                 COUNTS_LAYER: lib.counts_layer or "",
                 SYMBOL_COLUMN: lib.symbol_column or "",
                 **r.extra,
@@ -421,7 +418,7 @@ def read_samplesheet(
     extra_columns = tuple(
         n for n in names if n not in keys.SHEET_REQUIRED and n not in OPTION_COLUMNS
     )
-    has_library_column = LIBRARY in names
+    has_library_column = keys.LIBRARY in names
 
     problems: list[str] = []
     samples: dict[str, _Sample] = {}
@@ -440,7 +437,7 @@ def read_samplesheet(
         if empty:
             continue
         sample, donor, timepoint = values[keys.SAMPLE], values[keys.DONOR], values[keys.TIMEPOINT]
-        library = values.get(LIBRARY, "")
+        library = values.get(keys.LIBRARY, "")
         extra = {c: values[c] for c in extra_columns}
         ok = True
         if not _SAFE_ID.fullmatch(sample):
