@@ -2,8 +2,9 @@
 
 Covers: merging every pairing of formats (h5ad with and without gene ids, 10x
 h5, 10x mtx) in memory and backed; other modalities in obsm; per-line reading
-options in the sheet; several libraries per sample; the read record in
-tables/ingest_samples.tsv; and the checks before compute (QC prefixes, species).
+options in the sheet; several libraries per sample (and qc's doublets called
+per library); the read record in tables/ingest_samples.tsv; and the checks
+before compute (QC prefixes, species; :mod:`pipeline.io.checks`).
 """
 
 from __future__ import annotations
@@ -258,6 +259,25 @@ def test_libraries_of_one_sample(tmp_path, samples):
     assert stamp.read_text() == before
     again = ad.read_h5ad(out / "ingest" / "ingest.h5ad")
     assert again.X[:, :].sum() > merged.X.sum()
+
+    # qc calls doublets per library: one scrublet threshold per library of D1_base,
+    # kept through the per-sample artifact, the merged uns and the table
+    cfg = Config.model_validate({"qc": {"min_cells_for_doublets": 50}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImmuneageWarning)
+        Runner(sheet, cfg, out, argv=["test"]).run(until="qc")
+    unit = ad.read_h5ad(out / "qc" / "samples" / "D1_base.h5ad")
+    thr = unit.uns["immuneage"]["qc"]["doublet_threshold"]
+    assert list(thr) == ["L1", "L2"]
+    qc = ad.read_h5ad(out / "qc" / "qc.h5ad").uns["immuneage"]["qc"]["per_sample"]
+    assert dict(qc["D1_base"]["doublet_threshold"]) == dict(thr)
+    assert not isinstance(qc["D1_acute"]["doublet_threshold"], dict)
+    table = pd.read_csv(out / "tables" / "qc_per_sample.tsv", sep="\t", dtype=str).set_index(
+        "sample"
+    )
+    assert table.loc["D1_base", "doublet_threshold"].startswith("L1=")
+    assert "; L2=" in table.loc["D1_base", "doublet_threshold"]
+    assert "=" not in str(table.loc["D1_acute", "doublet_threshold"])
 
 
 def test_sheet_reading_options(tmp_path, samples):

@@ -13,7 +13,14 @@ import scipy.sparse as sp
 
 from pipeline.config import load_config
 from pipeline.errors import ImmuneageWarning, InputError
-from pipeline.stages.qc import gene_masks, merge_qc, qc_sample, qc_thresholds, threshold_rules
+from pipeline.stages.qc import (
+    call_doublets,
+    gene_masks,
+    merge_qc,
+    qc_sample,
+    qc_thresholds,
+    threshold_rules,
+)
 
 GENES = (
     [f"MT-{g}" for g in ("ND1", "ND2", "CO1", "CO2", "ATP6", "CO3", "ND4", "CYB")]
@@ -302,3 +309,142 @@ def test_min_genes_is_scaled_to_a_narrow_matrix_and_warned():
     assert t["min_genes"] == pytest.approx(7.65)
     assert rules["min_genes"] == "fixed (scaled to 765 of 20000 genes)"
     assert qc_thresholds(out.obs, fixed.qc)["min_genes"] == 200  # no matrix size: as given
+
+
+# --------------------------------------------------------------------------- doublets per library
+def _two_libraries(
+    n_a: int = 260, n_b: int = 230, n_planted: int = 12, seed: int = 0, seed_b: int | None = None
+) -> tuple[ad.AnnData, np.ndarray]:
+    """One sample of two libraries (A, B) of real pbmc68k cells; A also holds planted doublets,
+    each the sum of a monocyte and a lymphocyte of A. Returns (adata, planted mask)."""
+    from pipeline.datasets.real import pbmc68k_counts, pseudo_cohort
+
+    src = pbmc68k_counts()
+    lib_a, lib_b = (
+        s.adata
+        for s in pseudo_cohort(
+            src, donors=1, timepoints=("baseline", "acute"), cells_per_sample=[n_a, n_b], seed=seed
+        )
+    )
+    if seed_b is not None:  # another draw of library B
+        lib_b = pseudo_cohort(
+            src, donors=1, timepoints=("acute",), cells_per_sample=n_b, seed=seed_b
+        )[0].adata
+    rng = np.random.default_rng(seed)
+    labels = lib_a.obs["bulk_labels"].to_numpy()
+    mono = np.flatnonzero(labels == "CD14+ Monocyte")
+    lymph = np.flatnonzero(
+        np.isin(labels, ["CD19+ B", "CD56+ NK", "CD8+ Cytotoxic T", "CD4+/CD25 T Reg"])
+    )
+    xa = sp.csr_matrix(lib_a.X)
+    planted = xa[rng.choice(mono, n_planted, replace=False)] + xa[rng.choice(lymph, n_planted)]
+    a = _as_sample(sp.vstack([xa, planted, sp.csr_matrix(lib_b.X)]).tocsr(), list(src.var_names))
+    a.obs["library"] = pd.Categorical(["A"] * (n_a + n_planted) + ["B"] * n_b)
+    is_planted = np.zeros(a.n_obs, bool)
+    is_planted[n_a : n_a + n_planted] = True
+    return a, is_planted
+
+
+def _passed(out: ad.AnnData) -> np.ndarray:
+    return ~out.obs[["qc_fail_counts", "qc_fail_genes", "qc_fail_mt"]].any(axis=1).to_numpy()
+
+
+def test_doublets_are_called_per_library_on_real_counts():
+    """scrublet runs on each library's QC-passing cells on its own: a doublet planted in
+    library A is scored exactly as when A's cells are scored alone, not against B's."""
+    a, planted = _two_libraries()
+    in_a = (a.obs["library"] == "A").to_numpy()
+    cfg = load_config(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImmuneageWarning)  # both libraries are large enough
+        out = qc_sample(a, cfg)
+    thr = out.uns["immuneage"]["qc"]["doublet_threshold"]
+    assert list(thr) == ["A", "B"]
+    assert all(0 < v < 1 for v in thr.values())
+
+    passed = _passed(out)
+    score = out.obs["doublet_score"].to_numpy()
+    assert (passed & planted).sum() >= 8  # most planted doublets pass the outlier filters
+    for name, cells in (("A", in_a), ("B", ~in_a)):
+        alone, called, t = call_doublets(
+            sp.csr_matrix(a.X), passed & cells, cfg.qc, sample="R1", seed=cfg.seed
+        )
+        np.testing.assert_array_equal(score[cells], alone[cells])
+        np.testing.assert_array_equal(out.obs["predicted_doublet"].to_numpy()[cells], called[cells])
+        assert thr[name] == t
+    # pooled, the planted doublets would be compared against B's cells too: other scores
+    pooled, _, pooled_thr = call_doublets(
+        sp.csr_matrix(a.X), passed, cfg.qc, sample="R1", seed=cfg.seed
+    )
+    scored = passed & planted
+    assert not np.allclose(pooled[scored], score[scored])
+    assert pooled_thr not in thr.values()
+    # and scrublet sees them: they score above 90 % of library A's real cells
+    real_a = in_a & ~planted & passed
+    assert np.median(score[scored]) > np.percentile(score[real_a], 90)
+
+    # a cohort mixing samples with and without libraries: the column is text throughout
+    other = qc_sample(_sample(sample="S2")[0], cfg)
+    other_thr = other.uns["immuneage"]["qc"]["doublet_threshold"]
+    with pytest.warns(ImmuneageWarning, match="qc.min_genes = 200"):
+        table = merge_qc([out, other], cfg).tables["qc_per_sample"]
+    assert table["doublet_threshold"].tolist() == [
+        f"A={thr['A']:.6g}; B={thr['B']:.6g}",
+        f"{other_thr:.6g}",
+    ]
+    assert table.loc[0, "doublets"] == int(out.obs["predicted_doublet"].sum())
+
+
+def test_another_library_does_not_change_a_librarys_doublet_scores():
+    """With fixed QC bounds (the passing cells do not depend on B), replacing library B by
+    other cells leaves every score of library A, planted doublets included, unchanged."""
+    cfg = load_config(None, {"qc": {"mode": "fixed"}})
+    a1, planted = _two_libraries()
+    a2, _ = _two_libraries(seed_b=7)
+    in_a = (a1.obs["library"] == "A").to_numpy()
+    assert (a1.X[~in_a] != a2.X[~in_a]).nnz > 0
+    out1, out2 = qc_sample(a1, cfg), qc_sample(a2, cfg)
+    s1, s2 = out1.obs["doublet_score"].to_numpy(), out2.obs["doublet_score"].to_numpy()
+    assert np.isfinite(s1[planted]).all()
+    np.testing.assert_array_equal(s1[in_a], s2[in_a])
+    t1 = out1.uns["immuneage"]["qc"]["doublet_threshold"]
+    t2 = out2.uns["immuneage"]["qc"]["doublet_threshold"]
+    assert t1["A"] == t2["A"] and t1["B"] != t2["B"]
+
+
+def test_min_cells_for_doublets_applies_per_library():
+    """Library B (230 cells) is below qc.min_cells_for_doublets = 240 though the sample
+    (500 cells) is not: B gets no calls and a warning naming it; A is still scored."""
+    a, _ = _two_libraries()
+    in_a = (a.obs["library"] == "A").to_numpy()
+    cfg = load_config(None, {"qc": {"min_cells_for_doublets": 240}})
+    with pytest.warns(ImmuneageWarning, match=r"sample 'R1', library 'B': only \d+ cells pass QC"):
+        out = qc_sample(a, cfg)
+    score = out.obs["doublet_score"].to_numpy()
+    assert np.isnan(score[~in_a]).all()
+    assert not out.obs["predicted_doublet"].to_numpy()[~in_a].any()
+    assert np.isfinite(score[in_a & _passed(out)]).all()
+    thr = out.uns["immuneage"]["qc"]["doublet_threshold"]
+    assert thr["B"] == "none" and 0 < thr["A"] < 1
+    with pytest.warns(ImmuneageWarning, match="qc.min_genes = 200"):
+        table = merge_qc([out], cfg).tables["qc_per_sample"]
+    assert table.loc[0, "doublet_threshold"] == f"A={thr['A']:.6g}; B=none"
+
+
+def test_one_library_behaves_as_no_library():
+    """A library column with one value, or none: the sample is scored as a whole, as before."""
+    from pipeline.datasets.real import pbmc68k_counts
+
+    src = pbmc68k_counts()
+    plain = _as_sample(src.X[:300], list(src.var_names))
+    named = plain.copy()
+    named.obs["library"] = pd.Categorical(["L1"] * named.n_obs)
+    cfg = load_config(None)
+    out_plain, out_named = qc_sample(plain, cfg), qc_sample(named, cfg)
+    thr = out_plain.uns["immuneage"]["qc"]["doublet_threshold"]
+    assert isinstance(thr, float)
+    assert out_named.uns["immuneage"]["qc"]["doublet_threshold"] == thr
+    pd.testing.assert_frame_equal(out_plain.obs, out_named.obs)
+    with pytest.warns(ImmuneageWarning, match="qc.min_genes = 200"):
+        table = merge_qc([out_plain], cfg).tables["qc_per_sample"]
+    assert table["doublet_threshold"].dtype == np.float64

@@ -12,7 +12,10 @@ Runs once per sample (one Slurm array task each) on that sample's raw counts:
   (``min_genes`` scaled down on matrices narrower than a whole transcriptome);
   the rule behind each bound is recorded (:func:`threshold_rules`);
 * doublets with scrublet on the cells passing those filters (scanpy on CPU,
-  rapids-singlecell on GPU); scores and calls in ``obs``.
+  rapids-singlecell on GPU); scores and calls in ``obs``. Doublets form
+  within one library (one GEM well), so a sample of several libraries
+  (``obs["library"]`` with more than one value) gets scrublet per library,
+  each library's passing cells on their own, with its own threshold.
 
 The per-sample result holds only ``obs`` (no matrix: the counts stay in the
 ingest artifact). The merge concatenates them and writes
@@ -47,7 +50,14 @@ if TYPE_CHECKING:
 
     from ..config import Config, QCConfig
 
-__all__ = ["gene_masks", "merge_qc", "qc_sample", "qc_thresholds", "threshold_rules"]
+__all__ = [
+    "call_doublets",
+    "gene_masks",
+    "merge_qc",
+    "qc_sample",
+    "qc_thresholds",
+    "threshold_rules",
+]
 
 #: obs columns written by this stage.
 QC_COLUMNS = (
@@ -66,6 +76,8 @@ QC_COLUMNS = (
     "qc_pass",
 )
 REASONS = ("qc_fail_counts", "qc_fail_genes", "qc_fail_mt", "predicted_doublet")
+#: scrublet's threshold of a sample: a number, ``None`` (no calls), or per library.
+DoubletThreshold = float | dict[str, float | None] | None
 
 
 def gene_masks(var_names: Sequence[str], cfg: QCConfig) -> dict[str, np.ndarray]:
@@ -297,6 +309,111 @@ def _scrublet(
     return score, called, (None if thr is None else float(thr))
 
 
+def _libraries(obs: pd.DataFrame) -> list[tuple[str, np.ndarray]] | None:
+    """Each library of a sample and a mask of its cells, in order of appearance.
+
+    ``None`` when the sample has no ``obs["library"]`` or one value in it;
+    cells without a value form a library ``"(missing)"``.
+    """
+    if keys.LIBRARY not in obs:
+        return None
+    values = obs[keys.LIBRARY].astype(object)
+    labels = values.where(values.notna(), "(missing)").astype(str).to_numpy()
+    names = list(dict.fromkeys(labels))
+    if len(names) < 2:
+        return None
+    return [(name, labels == name) for name in names]
+
+
+def _doublets_in(
+    counts: sp.csr_matrix, cells: np.ndarray, where: str, cfg: QCConfig, seed: int, backend: str
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Scrublet on the ``cells`` (a mask) of one library or sample named by ``where``.
+
+    Returns scores (NaN outside ``cells``), calls and scrublet's threshold;
+    with fewer than ``cfg.min_cells_for_doublets`` cells (but some), no calls
+    and a warning.
+    """
+    score = np.full(counts.shape[0], np.nan)
+    called = np.zeros(counts.shape[0], bool)
+    n = int(cells.sum())
+    if n == 0:
+        return score, called, None
+    if n < cfg.min_cells_for_doublets:
+        warnings.warn(
+            f"{where}: only {n} cells pass QC, fewer than qc.min_cells_for_doublets "
+            f"({cfg.min_cells_for_doublets}); no doublets are called in it",
+            ImmuneageWarning,
+            stacklevel=4,
+        )
+        return score, called, None
+    idx = np.flatnonzero(cells)
+    s, c, threshold = _scrublet(counts[idx], cfg, seed, backend)
+    score[idx], called[idx] = s, c
+    return score, called, threshold
+
+
+def call_doublets(
+    counts: sp.csr_matrix,
+    passed: np.ndarray,
+    cfg: QCConfig,
+    *,
+    sample: str,
+    libraries: list[tuple[str, np.ndarray]] | None = None,
+    seed: int = 0,
+    backend: str = "scanpy",
+) -> tuple[np.ndarray, np.ndarray, DoubletThreshold]:
+    """Scrublet doublet scores and calls for one sample's QC-passing cells.
+
+    Parameters
+    ----------
+    counts
+        The sample's raw counts (cells x genes).
+    passed
+        Cells that pass the outlier filters; only they are scored.
+    cfg
+        The ``qc`` section (``expected_doublet_rate``, ``doublet_threshold``,
+        ``min_cells_for_doublets``).
+    sample
+        The sample's name (for warnings).
+    libraries
+        The sample's libraries and a mask of each (several): scrublet runs on
+        each library's passing cells on their own, as doublets form within one
+        GEM well; ``min_cells_for_doublets`` applies per library. ``None``: the
+        sample's passing cells together.
+    seed
+        scrublet's random state.
+    backend
+        ``scanpy`` or ``rapids``.
+
+    Returns
+    -------
+    score
+        Per cell, the doublet score (NaN for cells not scored).
+    called
+        Per cell, whether it is a predicted doublet.
+    threshold
+        scrublet's score threshold (``None``: no calls); with libraries, a dict
+        library -> threshold in library order.
+
+    Warns
+    -----
+    ImmuneageWarning
+        A sample (or library) has fewer than ``min_cells_for_doublets`` passing
+        cells (but some): no doublets are called in it.
+    """
+    if libraries is None:
+        return _doublets_in(counts, passed, f"sample {sample!r}", cfg, seed, backend)
+    score = np.full(counts.shape[0], np.nan)
+    called = np.zeros(counts.shape[0], bool)
+    thresholds: dict[str, float | None] = {}
+    for name, cells in libraries:
+        where = f"sample {sample!r}, library {name!r}"
+        s, c, thresholds[name] = _doublets_in(counts, passed & cells, where, cfg, seed, backend)
+        score[cells], called[cells] = s[cells], c[cells]
+    return score, called, thresholds
+
+
 def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "cpu") -> ad.AnnData:
     """QC metrics, outlier flags and doublet calls for one sample.
 
@@ -315,12 +432,25 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     ``donor``, ``timepoint`` and the columns in :data:`QC_COLUMNS`;
     ``uns["immuneage"]["qc"]`` holds the thresholds, the rule that set each
     (``rules``, see :func:`threshold_rules`), the MAD of each metric (``mads``),
-    the backend, the doublet threshold and ``failed`` / ``dropped`` flags.
+    the backend, the doublet threshold (``doublet_threshold``: a number, or
+    ``"none"`` without doublet calls; for a sample of several libraries a dict
+    library -> threshold, see :func:`call_doublets`) and ``failed`` /
+    ``dropped`` flags.
 
     Raises
     ------
     InputError
         The sample fails QC (too few cells left) and ``qc.on_failed_sample`` is ``error``.
+
+    Warns
+    -----
+    ImmuneageWarning
+        Too few cells pass QC to call doublets in the sample (or one of its libraries).
+
+    Notes
+    -----
+    When ``obs["library"]`` holds more than one value, doublets are called per
+    library (:func:`call_doublets`); the outlier thresholds stay per sample.
     """
     q = cfg.qc
     backend = choose_backend(cfg.backend, device)
@@ -336,22 +466,20 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     flags = _flags(metrics, thresholds)
     passed = ~(flags.any(axis=1).to_numpy())
 
+    libraries = _libraries(adata.obs)
     score = np.full(adata.n_obs, np.nan)
     called = np.zeros(adata.n_obs, bool)
-    doublet_threshold = None
-    if q.doublets == "scrublet" and 0 < passed.sum() < q.min_cells_for_doublets:
-        warnings.warn(
-            f"sample {sample!r}: only {int(passed.sum())} cells pass QC, fewer than "
-            f"qc.min_cells_for_doublets ({q.min_cells_for_doublets}); no doublets are called in it",
-            ImmuneageWarning,
-            stacklevel=2,
+    doublet_threshold: DoubletThreshold = None
+    if q.doublets == "scrublet":
+        score, called, doublet_threshold = call_doublets(
+            counts,
+            passed,
+            q,
+            sample=sample,
+            libraries=libraries,
+            seed=cfg.seed,
+            backend="rapids" if backend == "rapids" else "scanpy",
         )
-    elif q.doublets == "scrublet" and passed.sum() > 0:
-        idx = np.flatnonzero(passed)
-        s, c, doublet_threshold = _scrublet(
-            counts[idx], q, cfg.seed, "rapids" if backend == "rapids" else "scanpy"
-        )
-        score[idx], called[idx] = s, c
     keep = passed & ~(called if q.remove_doublets else np.zeros_like(called))
 
     obs = adata.obs[[keys.SAMPLE, keys.DONOR, keys.TIMEPOINT]].copy()
@@ -391,12 +519,35 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
             "min_genes_fixed": "none"
             if (fixed_min := fixed_bounds(q, adata.n_vars)["min_genes"]) is None
             else fixed_min,
-            "doublet_threshold": "none" if doublet_threshold is None else doublet_threshold,
+            "doublet_threshold": _none_if_missing(doublet_threshold),
             "failed": bool(failed),
             "dropped": dropped,
         }
     }
     return out
+
+
+def _none_if_missing(
+    threshold: DoubletThreshold,
+) -> float | str | dict[str, float | str]:
+    """A doublet threshold as stored in uns: ``"none"`` for no calls (per library in a dict)."""
+    if isinstance(threshold, dict):
+        return {k: ("none" if v is None else v) for k, v in threshold.items()}
+    return "none" if threshold is None else threshold
+
+
+def _threshold_cell(value: float | str | dict[str, float | str]) -> float | str:
+    """A sample's ``doublet_threshold`` in ``tables/qc_per_sample.tsv``.
+
+    A number (NaN without calls); for a sample of several libraries,
+    ``"<library>=<threshold>"`` joined with ``"; "`` in library order
+    (``none`` for a library without calls).
+    """
+    if isinstance(value, dict):
+        return "; ".join(
+            f"{k}={'none' if v == 'none' else f'{float(v):.6g}'}" for k, v in value.items()
+        )
+    return np.nan if value == "none" else float(value)
 
 
 def _warn_scaled_floor(per_sample: dict[str, Any], cfg: QCConfig) -> None:
@@ -428,9 +579,10 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
     ``uns["immuneage"]["qc"]`` = per-sample thresholds and the dropped samples;
     table ``qc_per_sample``: sample, donor, timepoint, cells_in, removed by
     each reason (a cell can fail several), cells_out, the thresholds, the rule
-    that set each threshold (``rule_<threshold>``), doublet threshold and
-    whether the sample was dropped. A ``min_genes`` scaled down to a narrow
-    matrix is warned once.
+    that set each threshold (``rule_<threshold>``), the doublet threshold
+    (``"<library>=<threshold>; ..."`` for a sample of several libraries, and
+    then the column is text) and whether the sample was dropped. A
+    ``min_genes`` scaled down to a narrow matrix is warned once.
     """
     rows = []
     per_sample: dict[str, Any] = {}
@@ -453,13 +605,18 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
         rules = info.get("rules", {})
         for k in info["thresholds"]:
             row[f"rule_{k}"] = rules.get(k, "")
-        row["doublet_threshold"] = (
-            np.nan if info["doublet_threshold"] == "none" else info["doublet_threshold"]
-        )
+        row["doublet_threshold"] = _threshold_cell(info["doublet_threshold"])
         row["dropped"] = bool(info["dropped"])
         rows.append(row)
         per_sample[info["sample"]] = {k: v for k, v in info.items() if k != "sample"}
     _warn_scaled_floor(per_sample, cfg.qc)
+    table = pd.DataFrame(rows)
+    if rows and any(isinstance(r["doublet_threshold"], str) for r in rows):
+        # per-library thresholds are text: write the others alike (6 significant digits)
+        table["doublet_threshold"] = [
+            v if isinstance(v, str) else ("" if np.isnan(v) else f"{v:.6g}")
+            for v in table["doublet_threshold"]
+        ]
     merged = ad.concat(list(units), join="outer", merge="same")
     tp = pd.Categorical(
         merged.obs[keys.TIMEPOINT].astype(str), categories=cfg.design.timepoints, ordered=True
@@ -471,4 +628,4 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
             "dropped_samples": [s for s, v in per_sample.items() if v["dropped"]],
         }
     }
-    return StageResult(merged, {"qc_per_sample": pd.DataFrame(rows)})
+    return StageResult(merged, {"qc_per_sample": table})
