@@ -69,9 +69,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: layers key of the counts before correction.
-COUNTS_UNCORRECTED = "counts_uncorrected"
+COUNTS_UNCORRECTED = keys.COUNTS_UNCORRECTED
 #: obs column of the per-cell ambient fraction.
-AMBIENT_FRACTION = "ambient_fraction"
+AMBIENT_FRACTION = keys.AMBIENT_FRACTION
 #: uns["immuneage"] key of the run record.
 UNS_KEY = "ambient"
 #: Fewer empty droplets than this in a raw matrix is an error (no usable profile).
@@ -561,7 +561,7 @@ def remove_ambient(
     return record
 
 
-def run_ambient(adata: AnnData, section: AmbientConfig, *, seed: int = 0) -> dict[str, Any] | None:
+def run_ambient(adata: AnnData, section: AmbientConfig) -> dict[str, Any] | None:
     """Apply the ``ambient`` config section to one ingested sample.
 
     Reads the raw matrix path the reader recorded in
@@ -583,5 +583,5 @@ def run_ambient(adata: AnnData, section: AmbientConfig, *, seed: int = 0) -> dic
         empty_max_counts=section.empty_max_counts,
         resolution=section.resolution,
         max_iter=section.max_iter,
-        seed=seed,
+        seed=section.seed,
     )

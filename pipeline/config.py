@@ -220,6 +220,13 @@ class AmbientConfig(_Section):
         ge=1,
         description="Most DecontX EM iterations (it usually converges in 50-200; time is linear in iterations).",
     )
+    seed: int = Field(
+        default=0,
+        description=(
+            "Seed of the per-sample clustering the ambient model uses; a key of this section so "
+            "that the ingest stamp covers it (changing the run's seed does not re-read every sample)."
+        ),
+    )
 
 
 class QCConfig(_Section):
@@ -318,7 +325,7 @@ class QCConfig(_Section):
     min_cells_for_doublets: int = Field(
         default=200,
         ge=10,
-        description="Samples with fewer QC-passing cells get no doublet calls (scrublet's threshold is unreliable there); warned.",
+        description="Samples (each library of a sample with several) with fewer QC-passing cells get no doublet calls (scrublet's threshold is unreliable there); warned.",
     )
     remove_doublets: bool = Field(
         default=True,

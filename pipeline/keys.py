@@ -9,6 +9,10 @@ from __future__ import annotations
 
 # layers
 COUNTS = "counts"
+#: layers key of the counts as read, when ambient RNA correction replaced layers["counts"].
+COUNTS_UNCORRECTED = "counts_uncorrected"
+#: obs column of the per-cell ambient RNA fraction (ambient correction on).
+AMBIENT_FRACTION = "ambient_fraction"
 
 # obs columns written by ingest
 SAMPLE = "sample"

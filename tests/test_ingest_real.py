@@ -23,6 +23,7 @@ import yaml
 from conftest import tree_checksums
 
 from pipeline import keys
+from pipeline.artifacts import read_h5ad_artifact
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.datasets.real import gene_ids, mouse_symbols, pbmc68k_counts, pseudo_cohort
@@ -388,3 +389,47 @@ def test_checks_before_compute(tmp_path, samples, capsys):
     assert len(warned) == 1, printed
     assert "look like mouse" in warned[0] and "going on" in warned[0]
     assert "2 of 2 sample(s)" in warned[0]
+
+
+def test_ambient_correction_in_ingest(tmp_path, samples):
+    """ambient.method decontx through the runner: Cell Ranger outs/ (raw matrix beside) + h5ad."""
+    root = tmp_path / "in"
+    cells = samples[0].copy()
+    cells.var[keys.GENE_IDS] = gene_ids(cells.var_names).astype(str)
+    write_cellranger_outs(cells, root / "data" / "S1", raw_droplets=2000, mtx=False)
+    rows = [
+        {"sample": "S1", "donor": "D1", "timepoint": "baseline", "path": "data/S1"},
+        {
+            "sample": "S2",
+            "donor": "D1",
+            "timepoint": "acute",
+            "path": write_sample(samples[1], root, "S2", "h5ad_noids"),
+        },
+    ]
+    sheet = write_sheet(root, rows)
+    out = tmp_path / "out"
+    merged, table = run_ingest(sheet, out, ambient={"method": "decontx"})
+    # the record says what ran on which matrix; the raw matrix only where Cell Ranger left one
+    assert (
+        table.loc[0, "ambient"].startswith("decontx: ")
+        and "(raw matrix)" in table.loc[0, "ambient"]
+    )
+    assert "(filtered matrix only)" in table.loc[1, "ambient"]
+    assert table.loc[0, "raw_matrix"].endswith("raw_feature_bc_matrix.h5")
+    # per sample: corrected integer counts, never above the originals, which are kept
+    for sample, source in (("S1", samples[0]), ("S2", samples[1])):
+        unit = read_h5ad_artifact(out / "ingest" / "samples" / f"{sample}.h5ad")
+        corrected = unit.layers[keys.COUNTS]
+        original = unit.layers[keys.COUNTS_UNCORRECTED]
+        np.testing.assert_array_equal(original.toarray(), source.X.toarray())
+        assert np.array_equal(corrected.data, np.rint(corrected.data))
+        assert (corrected.toarray() <= original.toarray()).all()
+        assert corrected.sum() < original.sum()
+        assert unit.obs[keys.AMBIENT_FRACTION].between(0, 1).all()
+    # the cohort carries the corrected counts and the per-cell fractions
+    assert merged.obs[keys.AMBIENT_FRACTION].notna().all()
+    assert merged.X.sum() < sum(s.X.sum() for s in samples[:2])  # X = counts in ingest
+    # the section is in the ingest stamp: turning it off re-runs ingest with the counts as read
+    merged_off, table_off = run_ingest(sheet, out)
+    assert (table_off["ambient"] == "none").all()
+    assert_counts(merged_off, "S2", samples[1])

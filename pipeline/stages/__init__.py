@@ -14,12 +14,12 @@ __all__ = ["STAGES", "StageContext", "StageResult", "StageSpec", "get_stage", "s
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         name="ingest",
-        summary="read each sample's counts (h5ad, 10x h5, 10x mtx), validate, merge into one AnnData",
+        summary="read each sample's counts (h5ad, 10x h5/mtx, Cell Ranger folders), validate, optional ambient RNA correction, merge into one AnnData",
         module="pipeline.stages.ingest",
         sample_func="ingest_sample",
         func="run_ingest_merge",
         inputs=(),
-        sections=("design", "ingest"),
+        sections=("design", "ingest", "ambient"),
         outputs=(
             "ingest/samples/<sample>.h5ad",
             "ingest/ingest.h5ad",

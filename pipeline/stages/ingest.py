@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import keys
+from ..ambient import run_ambient
 from ..config import Config
 from ..errors import DataFileError, ImmuneageWarning, SampleSheetError
 from ..io.readers import detect_format, read_counts
@@ -68,9 +69,18 @@ def _joined(values: Sequence[str]) -> str:
     return values[0] if len(set(values)) == 1 else _JOIN.join(values)
 
 
+def _ambient_summary(record: Mapping[str, Any] | None) -> str:
+    """One line for ``tables/ingest_samples.tsv``: method, fraction removed, raw matrix used."""
+    if record is None:
+        return "none"
+    raw = "raw matrix" if record["raw_matrix_used"] else "filtered matrix only"
+    return f"{record['method']}: {record['fraction_removed']:.2%} of counts removed ({raw})"
+
+
 def _read_library(row: SampleRow, lib: LibraryRow, cfg: Config) -> AnnData:
     """Read one library of ``row`` and give its cells the sheet's metadata."""
     adata = read_counts(lib.path, sample=row.sample, **lib.reader_options(cfg.ingest))
+    ambient = run_ambient(adata, cfg.ambient)  # per library: ambient RNA is a droplet property
     record = dict(adata.uns.get(keys.UNS, {}).get("read", {}))
     fmt = str(record.get("format") or detect_format(lib.path, sample=row.sample))
     several = len(row.libraries) > 1
@@ -96,11 +106,22 @@ def _read_library(row: SampleRow, lib: LibraryRow, cfg: Config) -> AnnData:
         for k, v in adata.obsm.items()
     }
     counts = adata.layers.get(keys.COUNTS, adata.X)
+    if ambient is not None:
+        obs[keys.AMBIENT_FRACTION] = adata.obs[keys.AMBIENT_FRACTION].to_numpy()
     out = AnnData(X=counts, obs=obs, var=adata.var.copy(), obsm=obsm)
     out.layers[keys.COUNTS] = out.X
+    if ambient is not None:
+        out.layers[keys.COUNTS_UNCORRECTED] = adata.layers[keys.COUNTS_UNCORRECTED]
     record.setdefault("file", str(lib.path))
     read = {f: _text(record.get(f)) for f in READ_FIELDS}
-    out.uns[keys.UNS] = {"library": {"source": str(lib.path), "format": fmt, "read": read}}
+    out.uns[keys.UNS] = {
+        "library": {
+            "source": str(lib.path),
+            "format": fmt,
+            "read": read,
+            "ambient": _ambient_summary(ambient),
+        }
+    }
     log.info(
         "sample %s%s: read %s (%s; counts from %s; symbols from %s%s)",
         row.sample,
@@ -198,6 +219,7 @@ def ingest_sample(row: SampleRow, cfg: Config) -> AnnData:
             "format": _joined([i["format"] for i in infos]),
             "libraries": _joined([lib.library for lib in row.libraries]),
             "read": {f: _joined([i["read"][f] for i in infos]) for f in READ_FIELDS},
+            "ambient": _joined([i["ambient"] for i in infos]),
         },
     }
     return adata
@@ -234,6 +256,16 @@ def _concat_libraries(row: SampleRow, parts: list[AnnData], cfg: Config) -> AnnD
         obsm=merge_obsm(parts, obs.index),
     )
     out.layers[keys.COUNTS] = out.X
+    if all(keys.COUNTS_UNCORRECTED in p.layers for p in parts):
+        out.layers[keys.COUNTS_UNCORRECTED] = sp.vstack(
+            [
+                _remap_columns(
+                    p.layers[keys.COUNTS_UNCORRECTED], order.get_indexer(p.var_names), len(order)
+                )
+                for p in parts
+            ],
+            format="csr",
+        )
     return out
 
 
@@ -538,6 +570,7 @@ def ingest_table(adatas: Sequence[AnnData]) -> pd.DataFrame:
                 "source": info["source"],
                 **{f: _text(read.get(f, "")) for f in READ_FIELDS},
                 "libraries": _text(info.get("libraries", "")),
+                "ambient": _text(info.get("ambient", "none")),
             }
         )
     return pd.DataFrame(rows)
