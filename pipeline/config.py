@@ -322,6 +322,16 @@ class QCConfig(_Section):
         lt=1,
         description="Doublet score threshold; null lets scrublet choose it.",
     )
+    doublet_auto_max_factor: float = Field(
+        default=2.0,
+        gt=1,
+        description=(
+            "scrublet's automatic threshold (doublet_threshold null) is not trusted when it calls "
+            "more than this many times expected_doublet_rate of the cells (a score histogram that "
+            "is not bimodal); the expected_doublet_rate highest-scoring cells are called instead "
+            "(DoubletFinder's rule), warned."
+        ),
+    )
     min_cells_for_doublets: int = Field(
         default=200,
         ge=10,

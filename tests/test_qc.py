@@ -448,3 +448,29 @@ def test_one_library_behaves_as_no_library():
     with pytest.warns(ImmuneageWarning, match="qc.min_genes = 200"):
         table = merge_qc([out_plain], cfg).tables["qc_per_sample"]
     assert table["doublet_threshold"].dtype == np.float64
+
+
+def test_unimodal_doublet_scores_fall_back_to_the_expected_rate(tmp_path):
+    """Real PBMCs (pbmc68k, 230 cells): scrublet's automatic threshold fell inside the
+    singlets (49% called, mostly lymphocytes); the expected share is called instead."""
+    from pipeline.config import Config
+    from pipeline.datasets.real import write_real_cohort
+    from pipeline.io.samplesheet import read_samplesheet
+    from pipeline.stages.ingest import ingest_sample
+
+    cfg = Config()
+    sheet = write_real_cohort(tmp_path, cells_per_sample=230, seed=0)
+    rows = read_samplesheet(sheet, cfg.design, cfg.ingest).rows
+    adata = ingest_sample(next(r for r in rows if r.sample == "103_baseline"), cfg)
+    trusting = load_config(None, {"qc": {"doublet_auto_max_factor": 100}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImmuneageWarning)
+        auto = qc_sample(adata, trusting).obs["predicted_doublet"].mean()
+    assert auto > 0.3  # the failure this guards against
+    with pytest.warns(ImmuneageWarning, match="not bimodal"):
+        out = qc_sample(adata, cfg)
+    called = out.obs["predicted_doublet"].to_numpy()
+    assert called.mean() <= cfg.qc.expected_doublet_rate + 1 / adata.n_obs
+    threshold = out.uns["immuneage"]["qc"]["doublet_threshold"]
+    scores = out.obs["doublet_score"].to_numpy()
+    assert (scores[called] > threshold).all() and (scores[~called] <= threshold).all()

@@ -349,6 +349,24 @@ def _doublets_in(
         return score, called, None
     idx = np.flatnonzero(cells)
     s, c, threshold = _scrublet(counts[idx], cfg, seed, backend)
+    limit = cfg.doublet_auto_max_factor * cfg.expected_doublet_rate
+    if cfg.doublet_threshold is None and threshold is not None and c.mean() > limit:
+        # scrublet's automatic threshold assumes a bimodal score histogram; without one it
+        # can fall inside the singlets' scores (seen on a 230-cell real PBMC sample: 49%
+        # called, mostly lymphocytes). Call the expected share of top scores instead,
+        # DoubletFinder's rule.
+        auto, share = threshold, float(c.mean())
+        threshold = float(np.quantile(s, 1.0 - cfg.expected_doublet_rate))
+        c = s > threshold
+        warnings.warn(
+            f"{where}: scrublet's automatic threshold {auto:.3g} calls {share:.0%} of the "
+            f"cells doublets, more than qc.doublet_auto_max_factor x expected_doublet_rate "
+            f"({limit:.0%}); the score histogram is not bimodal. The threshold was raised to "
+            f"{threshold:.3g}, calling the expected_doublet_rate ({cfg.expected_doublet_rate:.0%}) "
+            "highest-scoring cells; set qc.doublet_threshold to choose it yourself",
+            ImmuneageWarning,
+            stacklevel=4,
+        )
     score[idx], called[idx] = s, c
     return score, called, threshold
 
@@ -462,7 +480,7 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
     thresholds, rules, mads = threshold_rules(metrics, q, adata.n_vars)
     for bound, rule in rules.items():
         if rule not in ("adaptive", "fixed", "none"):
-            log.info("qc: sample %r: %s = %s (%s)", sample, bound, thresholds[bound], rule)
+            log.info("qc: sample %r: %s = %.4g (%s)", sample, bound, thresholds[bound], rule)
     flags = _flags(metrics, thresholds)
     passed = ~(flags.any(axis=1).to_numpy())
 
