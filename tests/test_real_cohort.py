@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import yaml
 from conftest import run_argv
 
-from pipeline.datasets.real import gene_ids, write_real_cohort
+from pipeline.datasets.real import PANEL_LINEAGE, PBMC68K_LINEAGE, gene_ids, write_real_cohort
 from pipeline.io.readers import read_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,34 +42,6 @@ OVERRIDES = {
     # lineage figures (assigned accuracy 0.975 / 0.972, unassigned 36% / 35%) and
     # 5 saves ~45 s of a ~130 s run. Nothing else differs from the default.
     "integrate": {"max_epochs": 5},
-}
-
-#: bulk_labels -> lineage (the reasoning, and the fine level, are in
-#: benchmarks/bench_real_annotation.py): pbmc68k's "Dendritic" cells are LYZ+
-#: myeloid cells, half cDC2-like (FCER1A, CLEC10A) and half monocyte-like
-#: (FCN1, S100A9), so monocytes and DCs are one "myeloid" lineage; CD34+
-#: progenitors have no panel type and are left out.
-LINEAGE = {
-    "CD4+/CD25 T Reg": "T",
-    "CD4+/CD45RA+/CD25- Naive T": "T",
-    "CD4+/CD45RO+ Memory": "T",
-    "CD8+ Cytotoxic T": "T",
-    "CD8+/CD45RA+ Naive Cytotoxic": "T",
-    "CD19+ B": "B",
-    "CD56+ NK": "NK",
-    "CD14+ Monocyte": "myeloid",
-    "Dendritic": "myeloid",
-}
-#: panel lineage (obs["cell_type_coarse"]) -> the same lineages
-PANEL_LINEAGE = {
-    "T_CD4": "T",
-    "T_CD8": "T",
-    "T_other": "T",
-    "B": "B",
-    "plasma": "B",
-    "NK": "NK",
-    "mono": "myeloid",
-    "DC": "myeloid",
 }
 
 MIN_QC_KEPT = 0.80
@@ -104,7 +76,7 @@ def test_write_real_cohort_mixes_formats_and_gene_ids(tmp_path):
     assert (pd.crosstab(rows["donor"], fmt) == 1).all().all()
     truth = pd.read_csv(sheet.parent / "truth.tsv", sep="\t")
     assert len(truth) == 9 * 12 and truth["cell"].is_unique
-    assert set(truth["bulk_labels"]) <= set(LINEAGE) | {"CD34+"}
+    assert set(truth["bulk_labels"]) <= set(PBMC68K_LINEAGE)
     for row, f in zip(rows.itertuples(), fmt, strict=True):
         a = read_counts(sheet.parent / row.path, sample=row.sample)
         assert a.n_obs == 12 and a.n_vars == 765
@@ -184,7 +156,8 @@ def test_real_cohort_annotation_agrees_with_published_labels(real_run):
     final = ad.read_h5ad(out / "immuneage.h5ad")
     truth = pd.read_csv(real_run["sheet"].parent / "truth.tsv", sep="\t", index_col="cell")
     labels = truth.loc[final.obs_names, "bulk_labels"]
-    expected = labels.map(LINEAGE)  # CD34+ -> NaN: no panel type
+    # CD34+ progenitors have no panel type: left out
+    expected = labels.map(PBMC68K_LINEAGE).where(lambda v: v != "progenitor")
     coarse = final.obs["cell_type_coarse"].astype(str)
     assigned = coarse != "unassigned"
     got = coarse.map(PANEL_LINEAGE)
