@@ -140,6 +140,19 @@ def _h5_strings(ds: h5py.Dataset) -> np.ndarray:
 
 
 @contextmanager
+def _unreadable_as_error(where: str) -> Iterator[None]:
+    """Turn any unexpected error while reading into a DataFileError naming the file."""
+    try:
+        yield
+    except DataFileError:
+        raise
+    except Exception as exc:
+        raise DataFileError(
+            f"{where} could not be read ({type(exc).__name__}: {exc}); {_REEXPORT}"
+        ) from exc
+
+
+@contextmanager
 def _open_h5(path: Path, sample: str | None) -> Iterator[h5py.File]:
     """Open an HDF5 file read-only, turning an unreadable file into DataFileError."""
     try:

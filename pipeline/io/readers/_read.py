@@ -18,11 +18,11 @@ from anndata import AnnData
 from ...errors import DataFileError
 from ._assemble import _finish, _other_features
 from ._common import (
-    _REEXPORT,
     CountsFormat,
     _gex_mask,
     _looks_ensembl,
     _Plan,
+    _unreadable_as_error,
     _where,
     make_unique,
 )
@@ -137,19 +137,13 @@ def _plan(
     located = _locate(path, sample)
     file = located.file
     where = _where(file, sample)
-    try:
+    with _unreadable_as_error(where):
         if located.format == "h5ad":
             plan = _plan_h5ad(located, sample, counts_layer, symbol_column)
         elif located.format == "10x_h5":
             plan = _plan_10x_h5(located, sample)
         else:
             plan = _plan_mtx(located, sample)
-    except DataFileError:
-        raise
-    except Exception as exc:
-        raise DataFileError(
-            f"{where} could not be read ({type(exc).__name__}: {exc}); {_REEXPORT}"
-        ) from exc
     gex = _gex_mask(plan.types, len(plan.symbols))
     if located.format != "h5ad" and _looks_ensembl(np.asarray(plan.symbols, dtype=str)[gex]):
         raise DataFileError(
@@ -233,19 +227,13 @@ def read_counts(
     plan = _plan(Path(path), sample, counts_layer, symbol_column)
     file, fmt = plan.located.file, plan.located.format
     where = _where(file, sample)
-    try:
+    with _unreadable_as_error(where):
         if fmt == "h5ad":
             x, barcodes = _load_h5ad(file, plan.element)
         elif fmt == "10x_h5":
             x, barcodes = _load_10x_h5(file, where)
         else:
             x, barcodes = _load_mtx(file, where)
-    except DataFileError:
-        raise
-    except Exception as exc:
-        raise DataFileError(
-            f"{where} could not be read ({type(exc).__name__}: {exc}); {_REEXPORT}"
-        ) from exc
     adata = _finish(x, barcodes, plan, where)
     logger.info(
         "%s: read %s (%s, counts from %s, symbols from %s)",
