@@ -58,7 +58,7 @@ from .artifacts import (
     write_table_atomic,
 )
 from .config import Config, config_digest, dump_config, section_digest
-from .errors import InputError, OutputWriteError
+from .errors import ImmuneageWarning, InputError, OutputWriteError
 from .lock import outdir_lock
 from .provenance import ResourceMeter, machine_info, package_versions
 from .stages import STAGES, StageContext, StageResult, StageSpec, get_stage, stage_names
@@ -84,12 +84,16 @@ class ValidationReport:
         Genes every sample has.
     warnings
         The warnings raised while checking.
+    stage_warnings
+        Warnings that concern one stage (e.g. QC prefixes matching no gene),
+        left for the runner to issue when that stage runs.
     """
 
     sheet: Any
     summaries: list[list[Any]]
     shared_genes: int
     warnings: list[str] = field(default_factory=list)
+    stage_warnings: dict[str, list[str]] = field(default_factory=dict)
 
     def table(self) -> Any:
         """One row per sheet line: sample, donor, timepoint, library (when the
@@ -129,7 +133,9 @@ def _sample_genes(summaries: list[Any], policy: str) -> set[str]:
     return genes
 
 
-def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
+def validate_inputs(
+    samplesheet: Path, cfg: Config, *, defer_stage_warnings: bool = False
+) -> ValidationReport:
     """Check the sheet, the config and every counts file without loading matrices.
 
     Reads the sheet, runs the stages' config checks, inspects every library's
@@ -161,7 +167,13 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
             for row in sheet.rows
         ]
         gene_sets = [_sample_genes(s, policy) for s in summaries]
-        check_gene_content(sheet, [sorted(g) for g in gene_sets], cfg)
+        issued = check_gene_content(
+            sheet,
+            [sorted(g) for g in gene_sets],
+            cfg,
+            warn_qc_prefixes=not defer_stage_warnings,
+        )
+    deferred = [t for t in issued if t not in {str(w.message) for w in caught}]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     shared = set(gene_sets[0])
@@ -181,7 +193,13 @@ def validate_inputs(samplesheet: Path, cfg: Config) -> ValidationReport:
             f"({a.path}) and {b.sample!r} ({b.path}) share {n_ab}. Quantify all samples against "
             "the same reference, or set ingest.gene_policy: outer"
         )
-    return ValidationReport(sheet, summaries, len(shared), [str(w.message) for w in caught])
+    return ValidationReport(
+        sheet,
+        summaries,
+        len(shared),
+        [str(w.message) for w in caught],
+        {"qc": deferred} if deferred else {},
+    )
 
 
 # --------------------------------------------------------------------------- run summary
@@ -292,7 +310,7 @@ class Runner:
                 f"--sample works only with --stage set to a per-sample stage ({', '.join(per_sample)})"
             )
 
-        self._report = validate_inputs(self.samplesheet, self.cfg)
+        self._report = validate_inputs(self.samplesheet, self.cfg, defer_stage_warnings=True)
         if sample is not None and sample not in self._report.sheet.samples:
             raise InputError(
                 f"--sample {sample!r} is not in {self.samplesheet}; samples are: "
@@ -326,6 +344,9 @@ class Runner:
                 for name in selected:
                     spec = get_stage(name)
                     status, outputs = self._run_stage(spec, force=name in forced, sample=sample)
+                    if status == "ran":  # checks about this stage, issued when it runs
+                        for text in self._report.stage_warnings.get(name, ()):
+                            warnings.warn(text, ImmuneageWarning, stacklevel=2)
                     summary.stages[name] = status
                     summary.outputs.extend(outputs)
                 summary.wall_s = time.perf_counter() - t0
@@ -348,7 +369,7 @@ class Runner:
         InputError
             The sheet, a counts file or a file named in the config is unusable.
         """
-        self._report = validate_inputs(self.samplesheet, self.cfg)
+        self._report = validate_inputs(self.samplesheet, self.cfg, defer_stage_warnings=True)
         self._signatures = {}
         out: dict[str, StageStatus] = {}
         for spec in STAGES:
@@ -743,6 +764,7 @@ class Runner:
         ran = summary.stages if summary is not None else {}
         stages: dict[str, Any] = {}
         all_warnings: list[str] = list(self._report.warnings)
+        all_warnings += [w for ws in self._report.stage_warnings.values() for w in ws]
         for spec in STAGES:
             st = read_stamp(stamp_path(self._artifact(spec)))
             if st is None:

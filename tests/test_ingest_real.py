@@ -139,10 +139,12 @@ def test_merge_any_pair_of_formats(tmp_path, samples, first, second):
         "source",
         *READ_COLUMNS,
         "libraries",
+        "ambient",
     ]
     assert (table["file"] != "").all()
     assert (table["counts_source"] != "").all()
     assert table["libraries"].tolist() == ["", ""]
+    assert table["ambient"].tolist() == ["none", "none"]
 
 
 def test_backed_merge_matches_in_memory(tmp_path, samples):
@@ -349,6 +351,18 @@ def test_checks_before_compute(tmp_path, samples, capsys):
     with pytest.warns(ImmuneageWarning, match=r"qc.mt_prefix 'MT-' matches no gene in 1 of 2"):
         report = validate_inputs(sheet, Config())
     assert any("'S1'" in w and "'mt-'" in w for w in report.warnings)
+    # a run issues it when qc runs, and a rerun with qc current stays quiet
+    out0 = tmp_path / "out0"
+    with pytest.warns(ImmuneageWarning) as caught:
+        Runner(sheet, Config(), out0, argv=["test"]).run(until="qc")
+    assert sum("qc.mt_prefix 'MT-'" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert Runner(sheet, Config(), out0, argv=["test"]).run(until="qc").stages == {
+            "ingest": "up to date",
+            "qc": "up to date",
+        }
+    assert not any("qc.mt_prefix" in str(w.message) for w in again)
 
     # a mouse sample: refused before anything is written, naming it and what to set
     write_sample(mouse, root, "S2", "10x_mtx")

@@ -151,7 +151,11 @@ def _prefix_warning(
 
 
 def check_gene_content(
-    sheet: SampleSheet, gene_sets: Sequence[Sequence[str]], cfg: Config
+    sheet: SampleSheet,
+    gene_sets: Sequence[Sequence[str]],
+    cfg: Config,
+    *,
+    warn_qc_prefixes: bool = True,
 ) -> list[str]:
     """Checks of the samples' genes before anything runs (``immuneage validate`` and ``run``).
 
@@ -164,10 +168,15 @@ def check_gene_content(
     cfg
         Run configuration (``qc.mt_prefix``, ``qc.ribo_prefixes``,
         ``ingest.species_check``).
+    warn_qc_prefixes
+        Issue the QC-prefix warnings now; ``False`` only returns them (the
+        runner issues them when the ``qc`` stage runs, so that a rerun with
+        everything current stays quiet).
 
     Returns
     -------
-    The warnings issued (also issued as :class:`~pipeline.errors.ImmuneageWarning`).
+    The warnings (issued as :class:`~pipeline.errors.ImmuneageWarning`, the
+    QC-prefix ones only with ``warn_qc_prefixes``).
 
     Raises
     ------
@@ -224,9 +233,10 @@ def check_gene_content(
         "their % ribosomal counts will be 0",
         "['Rps', 'Rpl']",
     )
-    for text in (mt, ribo):
-        if text is not None:
-            issued.append(text)
     for text in issued:
         warnings.warn(text, ImmuneageWarning, stacklevel=2)
-    return issued
+    prefixes = [t for t in (mt, ribo) if t is not None]
+    if warn_qc_prefixes:
+        for text in prefixes:
+            warnings.warn(text, ImmuneageWarning, stacklevel=2)
+    return issued + prefixes
