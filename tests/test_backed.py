@@ -173,6 +173,13 @@ def test_backed_run_equals_in_memory_run(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(tables) > 15
     for t in tables:
         twin = tmp_path / "backed" / t.relative_to(tmp_path / "mem")
+        if t.name == "integration_metrics.tsv":
+            # X_pca's metrics: the streamed PCA accumulates its float32 products block by
+            # block, another order than in memory; trailing components then differ by
+            # ~1e-4 relative, so the metrics agree to 1e-5, not to the last printed digit
+            a, b = (pd.read_csv(p, sep="\t") for p in (t, twin))
+            pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
+            continue
         assert twin.read_bytes() == t.read_bytes(), t.name
 
     # after preprocess, artifacts link to its matrices instead of copying them
