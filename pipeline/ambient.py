@@ -66,7 +66,7 @@ __all__ = [
     "run_ambient",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("immuneage.ambient")  # shown by the CLI's handler
 
 #: layers key of the counts before correction.
 COUNTS_UNCORRECTED = keys.COUNTS_UNCORRECTED

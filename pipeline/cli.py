@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ImmuneageError, InputError, OutputWriteError
@@ -22,9 +23,22 @@ __all__ = ["main"]
 log = logging.getLogger("immuneage")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message, not as it was at setup (a later
+    ``main()`` in the same process, or a notebook that swapped stderr, gets the lines)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[immuneage %(asctime)s] %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level)

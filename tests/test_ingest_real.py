@@ -369,6 +369,7 @@ def test_checks_before_compute(tmp_path, samples, capsys):
     before = tree_checksums(root)
     out = tmp_path / "out"
     argv = ["--samplesheet", str(sheet), "--config", str(root / "config.yaml")]
+    capsys.readouterr()  # only what this run prints
     assert main(["run", *argv, "--outdir", str(out), "--until", "ingest"]) == 2
     err = capsys.readouterr().err
     for needed in (

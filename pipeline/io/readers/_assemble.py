@@ -21,7 +21,8 @@ from ...errors import DataFileError, ImmuneageWarning
 from ._checks import _check_filtered, _check_values, _median_per_barcode
 from ._common import _GEX, _REEXPORT, _gex_mask, _Plan, _shown, make_unique
 
-logger = logging.getLogger(__package__)  # 'pipeline.io.readers', as before the split
+# under the 'immuneage' logger, whose handler the CLI sets (shown in runs, not via root)
+logger = logging.getLogger("immuneage.io.readers")
 
 
 def _other_features(types: np.ndarray | None) -> dict[str, int]:

@@ -30,7 +30,8 @@ from ._h5ad import _load_h5ad, _plan_h5ad
 from ._locate import _locate
 from ._tenx import _load_10x_h5, _load_mtx, _plan_10x_h5, _plan_mtx
 
-logger = logging.getLogger(__package__)  # 'pipeline.io.readers', as before the split
+# under the 'immuneage' logger, whose handler the CLI sets (shown in runs, not via root)
+logger = logging.getLogger("immuneage.io.readers")
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def read_counts(
         else:
             x, barcodes = _load_mtx(file, where)
     adata = _finish(x, barcodes, plan, where)
-    logger.info(
+    logger.debug(  # ingest logs the same at INFO, per sample and library
         "%s: read %s (%s, counts from %s, symbols from %s)",
         where,
         file,
