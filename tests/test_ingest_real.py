@@ -413,13 +413,24 @@ def test_ambient_correction_in_ingest(tmp_path, samples):
     cells.var[keys.GENE_IDS] = gene_ids(cells.var_names).astype(str)
     write_cellranger_outs(cells, root / "data" / "S1", raw_droplets=2000, mtx=False)
     rows = [
-        {"sample": "S1", "donor": "D1", "timepoint": "baseline", "path": "data/S1"},
+        {"sample": "S1", "donor": "D1", "timepoint": "baseline", "path": "data/S1", "library": "A"},
         {
             "sample": "S2",
             "donor": "D1",
             "timepoint": "acute",
             "path": write_sample(samples[1], root, "S2", "h5ad_noids"),
+            "library": "A",
         },
+        *(  # a sample of two libraries: corrected one by one, stacked
+            {
+                "sample": "S3",
+                "donor": "D1",
+                "timepoint": "longterm",
+                "path": write_sample(samples[i], root, f"S3_{lib}", "10x_h5"),
+                "library": lib,
+            }
+            for i, lib in ((2, "A"), (3, "B"))
+        ),
     ]
     sheet = write_sheet(root, rows)
     out = tmp_path / "out"
@@ -441,9 +452,16 @@ def test_ambient_correction_in_ingest(tmp_path, samples):
         assert (corrected.toarray() <= original.toarray()).all()
         assert corrected.sum() < original.sum()
         assert unit.obs[keys.AMBIENT_FRACTION].between(0, 1).all()
-    # the cohort carries the corrected counts and the per-cell fractions
+    s3 = read_h5ad_artifact(out / "ingest" / "samples" / "S3.h5ad")
+    assert s3.obs[keys.LIBRARY].tolist() == ["A"] * samples[2].n_obs + ["B"] * samples[3].n_obs
+    assert table.loc[2, "ambient"].count("decontx: ") == 2  # one record per library
+    uncorrected = s3.layers[keys.COUNTS_UNCORRECTED].toarray()
+    np.testing.assert_array_equal(uncorrected[: samples[2].n_obs], samples[2].X.toarray())
+    np.testing.assert_array_equal(uncorrected[samples[2].n_obs :], samples[3].X.toarray())
+    # the cohort carries the corrected counts and the per-cell fractions (numbers)
+    assert pd.api.types.is_float_dtype(merged.obs[keys.AMBIENT_FRACTION])
     assert merged.obs[keys.AMBIENT_FRACTION].notna().all()
-    assert merged.X.sum() < sum(s.X.sum() for s in samples[:2])  # X = counts in ingest
+    assert merged.X.sum() < sum(s.X.sum() for s in samples[:4])  # X = counts in ingest
     # the section is in the ingest stamp: turning it off re-runs ingest with the counts as read
     merged_off, table_off = run_ingest(sheet, out)
     assert (table_off["ambient"] == "none").all()

@@ -238,15 +238,27 @@ def _concat_libraries(row: SampleRow, parts: list[AnnData], cfg: Config) -> AnnD
             ImmuneageWarning,
             stacklevel=3,
         )
-    x = sp.vstack(
-        [_remap_columns(p.X, order.get_indexer(p.var_names), len(order)) for p in parts],
-        format="csr",
-    )
+
+    def stacked(layer: str | None) -> sp.csr_matrix:
+        """The parts' ``X`` (or ``layer``) stacked, each in the sample's gene order."""
+        return sp.vstack(
+            [
+                _remap_columns(
+                    p.X if layer is None else p.layers[layer],
+                    order.get_indexer(p.var_names),
+                    len(order),
+                )
+                for p in parts
+            ],
+            format="csr",
+        )
+
+    x = stacked(None)
     obs = pd.concat([p.obs for p in parts], axis=0)
     for column in obs.columns:
         if column == keys.TIMEPOINT:
             obs[column] = _timepoint_categorical(obs[column].astype(str), cfg)
-        elif column != keys.BARCODE:
+        elif column != keys.BARCODE and not pd.api.types.is_numeric_dtype(obs[column]):
             values = obs[column].astype(str)
             obs[column] = pd.Categorical(values, categories=list(dict.fromkeys(values)))
     out = AnnData(
@@ -257,15 +269,7 @@ def _concat_libraries(row: SampleRow, parts: list[AnnData], cfg: Config) -> AnnD
     )
     out.layers[keys.COUNTS] = out.X
     if all(keys.COUNTS_UNCORRECTED in p.layers for p in parts):
-        out.layers[keys.COUNTS_UNCORRECTED] = sp.vstack(
-            [
-                _remap_columns(
-                    p.layers[keys.COUNTS_UNCORRECTED], order.get_indexer(p.var_names), len(order)
-                )
-                for p in parts
-            ],
-            format="csr",
-        )
+        out.layers[keys.COUNTS_UNCORRECTED] = stacked(keys.COUNTS_UNCORRECTED)
     return out
 
 
