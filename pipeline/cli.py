@@ -336,7 +336,7 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runner import validate_inputs
+    from .preflight import validate_inputs
 
     cfg = load_config(args.config)
     report = validate_inputs(args.samplesheet, cfg)

@@ -4,7 +4,7 @@ They look at the gene names of each sample (from the files' summaries, see
 :func:`~pipeline.io.readers.inspect_counts`), not at loaded matrices: the
 species (non-human symbols stop the run, as the shipped marker panel and gene
 sets are human) and the QC prefixes that match no gene. The runner calls
-:func:`check_gene_content` from :func:`~pipeline.runner.validate_inputs`.
+:func:`check_gene_content` from :func:`~pipeline.preflight.validate_inputs`.
 (The readers' own checks of stored values live in ``pipeline.io.readers``.)
 """
 

@@ -46,8 +46,9 @@ class StageSpec:
         sample (one Slurm array task each); ``func`` then merges the samples.
     context
         Whether ``func`` also receives ``context=`` a :class:`StageContext` (the
-        output directory, its tables and the provenance so far), for stages that
-        summarise the whole run (the report).
+        output directory, its tables, the provenance so far, and what the stage
+        recorded last time), for stages that summarise the whole run (the report)
+        or reuse an expensive part of their previous result.
     artifact
         Where the stage's AnnData goes, relative to the output directory
         (default ``<name>/<name>.h5ad``).
@@ -57,7 +58,7 @@ class StageSpec:
         (the run's final AnnData, which users move and share).
     check
         Name of a function ``check(cfg, sheet)`` in ``module`` that
-        :func:`pipeline.runner.validate_inputs` calls before anything runs, to
+        :func:`pipeline.preflight.validate_inputs` calls before anything runs, to
         validate the files the stage's config names (a GMT file, a covariates
         table) so bad input fails fast, raising :class:`~pipeline.errors.InputError`.
     """
@@ -115,10 +116,24 @@ class StageContext:
         The run's output directory.
     provenance
         The provenance record as of before this stage (see ``docs/outputs.md``).
+    stage_dir
+        The stage's own directory (``<outdir>/<stage>``), where its ``dirs`` land.
+    inputs
+        What the stage is computed from: upstream stage -> stamp digest, and
+        config file -> content hash (the stamp's inputs).
+    previous
+        The ``provenance`` details the stage recorded the last time it completed
+        in this output directory (empty when it never did). With ``inputs``, a
+        stage can reuse an expensive part whose own inputs did not change (the
+        trained scVI model when only metrics keys changed; the neighbour graph and
+        UMAP when only the Leiden resolutions did).
     """
 
     outdir: Path
     provenance: dict[str, Any]
+    stage_dir: Path | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+    previous: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tables_dir(self) -> Path:

@@ -835,7 +835,7 @@ def composition_tests(
 def check_config(cfg: Config, sheet: Any) -> None:
     """Fail fast on the covariates table before any stage runs.
 
-    Called by :func:`pipeline.runner.validate_inputs`; validates
+    Called by :func:`pipeline.preflight.validate_inputs`; validates
     ``differential.covariates`` against the sample sheet's samples.
 
     Raises

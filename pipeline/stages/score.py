@@ -271,7 +271,7 @@ def _decoupler_scores(
 def check_config(cfg: Config, sheet: object = None) -> None:
     """Fail fast on the ``score`` section: unknown built-in sets, a bad GMT, bad inline sets.
 
-    Called by :func:`pipeline.runner.validate_inputs` before any stage runs.
+    Called by :func:`pipeline.preflight.validate_inputs` before any stage runs.
 
     Raises
     ------
