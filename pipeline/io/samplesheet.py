@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .. import keys
@@ -191,6 +193,37 @@ class SampleSheet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def metadata(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The extra columns per sample, typed as a user means them.
+
+        Parameters
+        ----------
+        columns
+            Extra columns to return (default: all, in sheet order).
+
+        Returns
+        -------
+        One row per sample (index ``sample``, sheet order). A column whose
+        non-blank values all parse as numbers is numeric (``int64`` when all are
+        whole and none is blank, else ``float64`` with blanks as NaN); any other
+        column is categorical of strings in order of first appearance, blanks
+        missing.
+
+        Raises
+        ------
+        KeyError
+            A column that is not an extra column of the sheet.
+        """
+        names = list(self.extra_columns if columns is None else columns)
+        unknown = [c for c in names if c not in self.extra_columns]
+        if unknown:
+            raise KeyError(f"not extra columns of {self.path}: {', '.join(unknown)}")
+        index = pd.Index(self.samples, name=keys.SAMPLE)
+        out = pd.DataFrame(index=index)
+        for c in names:
+            out[c] = typed_column([r.extra.get(c, "") for r in self.rows], index)
+        return out
+
     def to_frame(self) -> pd.DataFrame:
         """The sheet as a table.
 
@@ -217,6 +250,33 @@ class SampleSheet:
         ]
         columns = [*keys.SHEET_REQUIRED, "row", *self.option_columns, *self.extra_columns]
         return pd.DataFrame.from_records(records, columns=columns)
+
+
+def typed_column(values: Sequence[str], index: pd.Index | None = None) -> pd.Series:
+    """Strings from a sheet or table as the type a user means (see :meth:`SampleSheet.metadata`).
+
+    Numbers (every non-blank value parses as one) become ``int64`` when all are
+    whole and none is blank, else ``float64`` with blanks NaN; anything else is
+    a categorical of the stripped strings in order of first appearance, blanks
+    missing. ``NA``, ``NaN`` and ``nan`` count as blanks for numbers only.
+    """
+    text = [str(v).strip() for v in values]
+    missing = {"", "NA", "NaN", "nan", "N/A", "na"}
+    present = [v for v in text if v not in missing]
+    numbers = pd.to_numeric(pd.Series(present, dtype=object), errors="coerce")
+    if present and not numbers.isna().any():
+        arr = pd.to_numeric(
+            pd.Series([v if v not in missing else None for v in text], dtype=object),
+            errors="coerce",
+        ).astype("float64")
+        whole = bool(np.all(np.mod(arr.dropna().to_numpy(), 1) == 0))
+        if whole and not arr.isna().any():
+            arr = arr.astype("int64")
+        return pd.Series(arr.to_numpy(), index=index, dtype=arr.dtype)
+    cats = list(dict.fromkeys(v for v in text if v != ""))
+    return pd.Series(
+        pd.Categorical([v if v != "" else None for v in text], categories=cats), index=index
+    )
 
 
 def _read_table(path: Path) -> pd.DataFrame:
