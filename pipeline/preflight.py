@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,25 @@ def _sample_genes(summaries: list[Any], policy: str) -> set[str]:
     return genes
 
 
+def _stages_to_check(stages: Sequence[str] | None) -> set[str]:
+    """The stages whose checks run (``None``: all); unknown names are an error."""
+    names = [s.name for s in STAGES]
+    if stages is None:
+        return set(names)
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise InputError(
+            f"unknown stage(s) {', '.join(map(repr, unknown))}; stages are: {', '.join(names)}"
+        )
+    return set(stages)
+
+
 def validate_inputs(
-    samplesheet: Path, cfg: Config, *, defer_stage_warnings: bool = False
+    samplesheet: Path,
+    cfg: Config,
+    *,
+    stages: Sequence[str] | None = None,
+    defer_stage_warnings: bool = False,
 ) -> ValidationReport:
     """Check the sheet, the config and every counts file without loading matrices.
 
@@ -110,8 +128,9 @@ def validate_inputs(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sheet = read_samplesheet(Path(samplesheet), cfg.design, cfg.ingest)
+        run = _stages_to_check(stages)
         for spec in STAGES:
-            if spec.check is not None:
+            if spec.check is not None and spec.name in run:
                 getattr(importlib.import_module(spec.module), spec.check)(cfg, sheet)
         summaries = [
             [
