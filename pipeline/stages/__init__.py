@@ -52,6 +52,7 @@ STAGES: tuple[StageSpec, ...] = (
         func="run_integrate",
         inputs=("preprocess",),
         sections=("seed", "integrate"),
+        context=True,
         outputs=(
             "integrate/integrate.h5ad",
             "integrate/scvi_model/",
@@ -66,6 +67,7 @@ STAGES: tuple[StageSpec, ...] = (
         func="run_cluster",
         inputs=("integrate",),
         sections=("seed", "backend", "cluster"),
+        context=True,
         outputs=("cluster/cluster.h5ad",),
     ),
     StageSpec(

@@ -20,9 +20,23 @@ Reads the preprocess AnnData and
    (:func:`pipeline.stats.integration.integration_metrics`, without cell-type
    labels, which do not exist yet; see that module for what is reported).
 
-Progress bars are off; lightning's and scvi-tools' informational chatter (and
-the early-stopping message scvi-tools prints to stdout) goes to the
-``immuneage`` logger at DEBUG/INFO level instead of the terminal.
+Progress (:mod:`pipeline.progress`): on a terminal scvi-tools draws its own
+epoch bar (on stderr); elsewhere (Slurm logs, CI) one plain line per
+:func:`pipeline.progress.interval` seconds, ``scVI: epoch 12/25 (48%), train
+loss 1034.2, 41 s elapsed, ~44 s left``; nothing when the ``immuneage`` logger is
+quiet. Lightning's and scvi-tools' informational chatter (GPU/TPU available,
+``LOCAL_RANK``, data loader worker hints) is silenced while scVI trains; their
+warnings and errors still show. The early-stopping message scvi-tools prints to
+stdout goes to the ``immuneage`` logger instead.
+
+Resume (with a :class:`~pipeline.stages.StageContext` from the runner): the
+training is keyed by :func:`training_key` (what the stage is computed from, the
+seed and every ``integrate`` key except the metrics-only ones,
+:data:`METRICS_ONLY_KEYS`). When the key equals the one the previous completed
+run in the same output directory recorded, and its ``scvi_model/`` and
+``integrate.h5ad`` are there and agree, the model is not trained again: its
+files are carried over byte for byte, ``X_scVI`` is read from the previous
+artifact (bit-identical), and only the integration metrics are recomputed.
 
 Determinism: on the CPU the same seed gives a bit-identical ``X_scVI`` (tested).
 On CUDA, cuBLAS reductions are not bit-reproducible; expect small differences.
@@ -32,19 +46,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
+import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .. import keys
+from .. import __version__, keys
 from ..errors import ImmuneageWarning, InputError
-from ._base import StageResult
+from ..progress import interactive, lightning_callback, verbose
+from ._base import StageContext, StageResult
 
 if TYPE_CHECKING:
     import scvi
@@ -52,15 +72,33 @@ if TYPE_CHECKING:
 
     from ..config import Config, IntegrateConfig
 
-__all__ = ["check_integrate_inputs", "run_integrate", "scvi_accelerator", "train_scvi"]
+__all__ = [
+    "METRICS_ONLY_KEYS",
+    "check_integrate_inputs",
+    "run_integrate",
+    "scvi_accelerator",
+    "train_scvi",
+    "training_key",
+]
 
 log = logging.getLogger("immuneage")
 
-#: Loggers silenced (to WARNING) while scVI trains.
+#: ``integrate`` keys that change only the integration metrics, not the trained model.
+METRICS_ONLY_KEYS: frozenset[str] = frozenset({"metrics_max_cells"})
+
+#: Where the model lives in the stage directory, and the stage's artifact there.
+MODEL_DIR = "scvi_model"
+ARTIFACT = "integrate.h5ad"
+
+#: Loggers silenced (to WARNING) while scVI trains: "GPU available: ...",
+#: "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES", "Running sanity check", ... (INFO).
 _CHATTY_LOGGERS = (
     "lightning",
     "lightning.pytorch",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
     "lightning.fabric",
+    "lightning.fabric.utilities.rank_zero",
     "lightning_fabric",
     "pytorch_lightning",
     "scvi",
@@ -73,6 +111,10 @@ _NOISE = (
     r".*smaller than the logging interval.*",
     r".*cells moved from training set to validation set.*",
     r".*The `srun` command is available on your system.*",  # Slurm installed, not in a job
+    r".*num_workers.*",
+    r".*GPU available but not used.*",
+    r".*Trying to infer the `batch_size`.*",
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
 
 
@@ -163,14 +205,20 @@ def check_integrate_inputs(adata: ad.AnnData, cfg: IntegrateConfig) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_training() -> Iterator[None]:
-    """Silence lightning/scvi info logs, progress output and noise warnings; log stdout text."""
+def _quiet_training(*, bar: bool = False) -> Iterator[None]:
+    """Silence lightning/scvi info logs and noise warnings (their warnings and errors stay).
+
+    What scvi-tools prints to stdout (the early-stopping reason) is logged at the
+    end. With ``bar`` (a terminal), stdout goes to stderr instead: scvi-tools'
+    tqdm bar writes to stdout, and stdout is for results, not for progress.
+    """
     saved = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
     buf = io.StringIO()
     try:
         for name in _CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        target = sys.stderr if bar else buf
+        with contextlib.redirect_stdout(target), warnings.catch_warnings():
             for pattern in _NOISE:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
@@ -301,7 +349,10 @@ def train_scvi(
     epochs = max_epochs if max_epochs is not None else ic.max_epochs
     if epochs is None:
         epochs = max_epochs_heuristic(adata.n_obs)
-    with _quiet_training():
+    bar = interactive()
+    # a terminal gets scvi-tools' own bar; elsewhere plain lines (none when quiet)
+    callbacks = [] if bar or not verbose() else [lightning_callback("scVI", epochs)]
+    with _quiet_training(bar=bar):
         scvi.settings.seed = cfg.seed
         scvi.model.SCVI.setup_anndata(
             adata,
@@ -325,7 +376,8 @@ def train_scvi(
             early_stopping=ic.early_stopping,
             early_stopping_patience=ic.early_stopping_patience,
             check_val_every_n_epoch=1,
-            enable_progress_bar=False,
+            enable_progress_bar=bar,
+            callbacks=callbacks,
             plan_kwargs={
                 "lr": ic.learning_rate,
                 "n_epochs_kl_warmup": (
@@ -336,10 +388,110 @@ def train_scvi(
     return model
 
 
+def training_key(cfg: Config, inputs: dict[str, str], *, accelerator: str) -> str:
+    """Key of everything the trained scVI model depends on.
+
+    Parameters
+    ----------
+    cfg
+        Run configuration: ``seed`` and every ``integrate`` key except
+        :data:`METRICS_ONLY_KEYS` join the key.
+    inputs
+        What the stage is computed from (:attr:`StageContext.inputs`: upstream
+        stage -> stamp digest).
+    accelerator
+        ``"cpu"`` or ``"gpu"`` (a model trained on the other one differs).
+
+    Returns
+    -------
+    A sha256 hex digest; also covers the immuneage and scvi-tools versions.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        scvi_version = version("scvi-tools")
+    except PackageNotFoundError:  # pragma: no cover - scvi-tools is a dependency
+        scvi_version = "?"
+    training = {
+        k: v for k, v in cfg.integrate.model_dump(mode="json").items() if k not in METRICS_ONLY_KEYS
+    }
+    payload = {
+        "inputs": dict(sorted(inputs.items())),
+        "seed": cfg.seed,
+        "integrate": training,
+        "accelerator": accelerator,
+        "immuneage": __version__,
+        "scvi_tools": scvi_version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Previous:
+    """The previous run's training, read into memory (its files are replaced after the stage)."""
+
+    latent: np.ndarray
+    info: dict[str, Any]
+    model_files: dict[str, bytes]
+    model_dir: Path
+
+
+def _previous_training(
+    context: StageContext | None, key: str, adata: ad.AnnData
+) -> _Previous | None:
+    """The previous run's latent, run facts and model files when its training key is ``key``.
+
+    ``None`` (and a DEBUG line saying why) when there is no context, the key
+    differs, or the model directory or the artifact is missing or does not
+    belong to that training (e.g. a run killed between writing them).
+    """
+    import h5py
+
+    if context is None or context.stage_dir is None:
+        return None
+    if context.previous.get("training_key") != key:
+        if context.previous:
+            log.debug("integrate: training inputs changed since the previous run; training scVI")
+        return None
+    model_dir = context.stage_dir / MODEL_DIR
+    artifact = context.stage_dir / ARTIFACT
+    if not (model_dir / "model.pt").is_file() or not artifact.is_file():
+        log.info("integrate: the previous scVI model or artifact is missing; training scVI")
+        return None
+    try:
+        with h5py.File(artifact, "r") as f:
+            info = dict(ad.io.read_elem(f["uns"][keys.UNS]["integrate"]))
+            obs = f["obs"]
+            names = ad.io.read_elem(obs[obs.attrs["_index"]])
+            latent = np.asarray(ad.io.read_elem(f["obsm"][keys.X_SCVI]))
+    except (OSError, KeyError) as exc:
+        log.info("integrate: cannot read the previous run's latent (%s); training scVI", exc)
+        return None
+    if info.get("training_key") != key:
+        log.info("integrate: the previous artifact is from another training; training scVI")
+        return None
+    if len(names) != adata.n_obs or not np.array_equal(
+        np.asarray(names, dtype=str), adata.obs_names.to_numpy(dtype=str)
+    ):
+        log.info("integrate: the previous artifact holds other cells; training scVI")
+        return None
+    files = {
+        str(p.relative_to(model_dir)): p.read_bytes()
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file()
+    }
+    info = {k: v.item() if isinstance(v, np.generic) else v for k, v in info.items()}
+    return _Previous(latent=latent, info=info, model_files=files, model_dir=model_dir)
+
+
 def run_integrate(
-    adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "cpu"
+    adata: ad.AnnData,
+    cfg: Config,
+    *,
+    device: torch.device | str = "cpu",
+    context: StageContext | None = None,
 ) -> StageResult:
-    """Train scVI on the HVG counts and add its latent space.
+    """Train scVI on the HVG counts (or reuse the previous run's model) and add its latent space.
 
     Parameters
     ----------
@@ -351,6 +503,11 @@ def run_integrate(
         Run configuration (reads ``integrate`` and ``seed``).
     device
         The run's device; a CUDA device trains on the GPU.
+    context
+        From the runner: the stage directory, the stage's inputs and what the
+        previous run recorded. When the :func:`training_key` is unchanged and the
+        previous model and artifact are there, training is skipped (see the
+        module docstring). ``None`` (e.g. in a notebook): always train.
 
     Returns
     -------
@@ -362,13 +519,16 @@ def run_integrate(
       ``max_epochs``, ``epochs_trained``, ``early_stopped``, ``n_cells``,
       ``n_hvg``, ``batch_key``, ``n_batches``, ``categorical_covariates``,
       ``continuous_covariates``, ``n_latent``, ``gene_likelihood``,
-      ``elbo_train``, ``elbo_validation`` (final epoch), ``scvi_tools_version``);
+      ``elbo_train``, ``elbo_validation`` (final epoch), ``scvi_tools_version``,
+      and with a context ``training_key``);
     - tables ``scvi_history`` (one row per epoch: ``epoch``, ``elbo_train``,
       ``elbo_validation``, ``reconstruction_loss_*``, ``kl_local_*``, ... as
       logged by scvi-tools) and ``integration_metrics`` (see
       :func:`pipeline.stats.integration.integration_metrics`);
     - dirs ``scvi_model``: the trained model (``model.pt``, saved without the
-      AnnData; reload with ``scvi.model.SCVI.load(dir, adata=<HVG subset>)``).
+      AnnData; reload with ``scvi.model.SCVI.load(dir, adata=<HVG subset>)``);
+    - provenance ``training_key`` (with a context) and ``model``
+      (``"trained"`` or ``"reused"``).
 
     Raises
     ------
@@ -380,13 +540,17 @@ def run_integrate(
     check_integrate_inputs(adata, ic)
     with contextlib.ExitStack() as stack:
         lean = _scvi_input(adata, ic, stack, chunk_size=cfg.chunk_size)
-        return _integrate(adata, lean, cfg, device)
+        return _integrate(adata, lean, cfg, device, context)
 
 
 def _integrate(
-    adata: ad.AnnData, lean: ad.AnnData, cfg: Config, device: torch.device | str
+    adata: ad.AnnData,
+    lean: ad.AnnData,
+    cfg: Config,
+    device: torch.device | str,
+    context: StageContext | None,
 ) -> StageResult:
-    """Train scVI on ``lean`` (the HVG counts) and build the stage's result."""
+    """Train scVI on ``lean`` (the HVG counts), or reuse the previous model; build the result."""
     import scvi
 
     from ..stats.integration import integration_metrics
@@ -394,50 +558,72 @@ def _integrate(
     ic = cfg.integrate
     accelerator = scvi_accelerator(device)[0]
     max_epochs = ic.max_epochs if ic.max_epochs is not None else max_epochs_heuristic(lean.n_obs)
-    log.info(
-        "integrate: scVI on %d cells x %d HVGs, batch %r (%d levels), %s, up to %d epochs",
-        lean.n_obs,
-        lean.n_vars,
-        ic.batch_key,
-        lean.obs[ic.batch_key].nunique(),
-        accelerator,
-        max_epochs,
-    )
-    model = train_scvi(lean, cfg, device=device, max_epochs=max_epochs)
-    with _quiet_training():
-        latent = model.get_latent_representation(batch_size=max(ic.batch_size, 1024))
+    key = training_key(cfg, context.inputs, accelerator=accelerator) if context else None
+    previous = _previous_training(context, key, adata) if key is not None else None
+    model: scvi.model.SCVI | None = None
+    if previous is not None:
+        try:
+            with _quiet_training():
+                model = scvi.model.SCVI.load(str(previous.model_dir), adata=lean, accelerator="cpu")
+        except Exception as exc:  # a damaged or incompatible model: train again
+            log.info("integrate: cannot load the previous scVI model (%s); training scVI", exc)
+            previous = None
+    if previous is not None and model is not None:
+        log.info(
+            "integrate: reusing the scVI model trained by the previous run (training inputs "
+            "unchanged); recomputing the integration metrics only"
+        )
+        latent = previous.latent
+        info = dict(previous.info)
+    else:
+        log.info(
+            "integrate: scVI on %d cells x %d HVGs, batch %r (%d levels), %s, up to %d epochs",
+            lean.n_obs,
+            lean.n_vars,
+            ic.batch_key,
+            lean.obs[ic.batch_key].nunique(),
+            accelerator,
+            max_epochs,
+        )
+        model = train_scvi(lean, cfg, device=device, max_epochs=max_epochs)
+        with _quiet_training():
+            latent = model.get_latent_representation(batch_size=max(ic.batch_size, 1024))
+        info = {}
 
-    history = {k: v for k, v in model.history.items() if isinstance(v, pd.DataFrame)}
+    history = {k: v for k, v in (model.history or {}).items() if isinstance(v, pd.DataFrame)}
     table = _history_table(history)
     epochs = len(table)
     out = _output(adata)
     out.obsm[keys.X_SCVI] = np.ascontiguousarray(latent, dtype=np.float32)
-    info: dict[str, Any] = {
-        "accelerator": accelerator,
-        "device": str(getattr(device, "type", device)),
-        "max_epochs": int(max_epochs),
-        "epochs_trained": int(epochs),
-        "early_stopped": bool(epochs < max_epochs),
-        "n_cells": int(lean.n_obs),
-        "n_hvg": int(lean.n_vars),
-        "batch_key": ic.batch_key,
-        "n_batches": int(lean.obs[ic.batch_key].nunique()),
-        "categorical_covariates": ",".join(ic.categorical_covariates),
-        "continuous_covariates": ",".join(ic.continuous_covariates),
-        "n_latent": int(ic.n_latent),
-        "gene_likelihood": ic.gene_likelihood,
-        "elbo_train": _last(history, "elbo_train"),
-        "elbo_validation": _last(history, "elbo_validation"),
-        "scvi_tools_version": scvi.__version__,
-    }
+    if not info:
+        info = {
+            "accelerator": accelerator,
+            "device": str(getattr(device, "type", device)),
+            "max_epochs": int(max_epochs),
+            "epochs_trained": int(epochs),
+            "early_stopped": bool(epochs < max_epochs),
+            "n_cells": int(lean.n_obs),
+            "n_hvg": int(lean.n_vars),
+            "batch_key": ic.batch_key,
+            "n_batches": int(lean.obs[ic.batch_key].nunique()),
+            "categorical_covariates": ",".join(ic.categorical_covariates),
+            "continuous_covariates": ",".join(ic.continuous_covariates),
+            "n_latent": int(ic.n_latent),
+            "gene_likelihood": ic.gene_likelihood,
+            "elbo_train": _last(history, "elbo_train"),
+            "elbo_validation": _last(history, "elbo_validation"),
+            "scvi_tools_version": scvi.__version__,
+        }
+        if key is not None:
+            info["training_key"] = key
+        log.info(
+            "integrate: %d epochs (%s), ELBO train %.1f, validation %.1f",
+            epochs,
+            "early stop" if info["early_stopped"] else "max_epochs",
+            info["elbo_train"],
+            info["elbo_validation"],
+        )
     out.uns.setdefault(keys.UNS, {})["integrate"] = info
-    log.info(
-        "integrate: %d epochs (%s), ELBO train %.1f, validation %.1f",
-        epochs,
-        "early stop" if info["early_stopped"] else "max_epochs",
-        info["elbo_train"],
-        info["elbo_validation"],
-    )
 
     reps = tuple(r for r in (keys.X_PCA, keys.X_SCVI) if r in out.obsm)
     metrics = integration_metrics(
@@ -449,11 +635,28 @@ def _integrate(
         seed=cfg.seed,
     )
 
-    def save_model(path: Any) -> None:
-        model.save(str(path), overwrite=True, save_anndata=False)
+    if previous is not None:
+        files = previous.model_files
 
+        def save_model(path: Path) -> None:
+            """The previous model's files, byte for byte (read before the stage returned)."""
+            for rel, data in files.items():
+                target = Path(path) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+
+    else:
+        trained = model
+
+        def save_model(path: Path) -> None:
+            trained.save(str(path), overwrite=True, save_anndata=False)
+
+    provenance: dict[str, Any] = {"model": "reused" if previous is not None else "trained"}
+    if key is not None:
+        provenance["training_key"] = key
     return StageResult(
         out,
         tables={"scvi_history": table, "integration_metrics": metrics},
-        dirs={"scvi_model": save_model},
+        dirs={MODEL_DIR: save_model},
+        provenance=provenance,
     )
