@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SCORES_KEY",
     "check_config",
+    "check_genes",
     "control_genes",
     "coverage_table",
     "expression_bins",
@@ -283,15 +285,22 @@ def check_config(cfg: Config, sheet: object = None) -> None:
         raise InputError("score: no gene sets configured (score.genesets, score.gmt, score.custom)")
 
 
-def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, list[str]]:
-    """The sets to score; sets below ``min_genes`` raise or are skipped with one warning."""
+def _small_sets(
+    resolved: dict[str, ResolvedSet], cfg: ScoreConfig, *, where: str = "the data"
+) -> tuple[dict[str, list[str]], str | None]:
+    """The sets large enough to score, and the warning about the others (``None``: none).
+
+    Sets with fewer than ``min_genes`` genes in ``where`` raise with
+    ``on_small_set: error``; else they are left out and named in the warning
+    text. The returned sets may be empty (the callers raise).
+    """
     small = {n: r for n, r in resolved.items() if len(r.found) < cfg.min_genes}
 
     def describe(name: str, r: ResolvedSet) -> str:
         missing = ", ".join(r.missing[:40]) + (" ..." if len(r.missing) > 40 else "")
         return (
-            f"gene set {name!r} has {len(r.found)} of its {len(r.geneset.genes)} genes in the "
-            f"data, fewer than score.min_genes = {cfg.min_genes}; missing: {missing}"
+            f"gene set {name!r} has {len(r.found)} of its {len(r.geneset.genes)} genes in "
+            f"{where}, fewer than score.min_genes = {cfg.min_genes}; missing: {missing}"
         )
 
     if small and cfg.on_small_set == "error":
@@ -301,23 +310,70 @@ def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, lis
             + " (lower score.min_genes, check the gene symbols / the reference the data "
             "was built on, or set score.on_small_set: skip)"
         )
+    text = None
     if small:
-        warnings.warn(
+        text = (
             f"{len(small)} gene set(s) skipped (score.on_small_set: skip): "
             + "; ".join(describe(n, r) for n, r in small.items())
-            + ". See tables/signature_coverage.tsv",
-            ImmuneageWarning,
-            stacklevel=3,
+            + ". See tables/signature_coverage.tsv"
         )
-    sets = {n: r.found for n, r in resolved.items() if n not in small}
+    return {n: r.found for n, r in resolved.items() if n not in small}, text
+
+
+def _nothing_scorable(cfg: ScoreConfig, where: str, detail: str = "") -> InputError:
+    return InputError(
+        f"score: no gene set has at least score.min_genes = {cfg.min_genes} genes in {where}, "
+        f"so nothing can be scored{detail}; check the gene symbols / the reference, lower "
+        "score.min_genes, or add sets with score.gmt / score.custom"
+    )
+
+
+def _select(resolved: dict[str, ResolvedSet], cfg: ScoreConfig) -> dict[str, list[str]]:
+    """The sets to score; sets below ``min_genes`` raise or are skipped with one warning."""
+    sets, text = _small_sets(resolved, cfg)
+    if text is not None:
+        warnings.warn(text, ImmuneageWarning, stacklevel=3)
     if not sets:
-        raise InputError(
-            f"score: no gene set has at least score.min_genes = {cfg.min_genes} genes in the "
-            "data, so nothing can be scored; see the coverage in the message above (check the "
-            "gene symbols / the reference, lower score.min_genes, or add sets with score.gmt / "
-            "score.custom)"
-        )
+        raise _nothing_scorable(cfg, "the data", " (see the coverage in the message above)")
     return sets
+
+
+def check_genes(cfg: Config, genes: Iterable[str], *, where: str) -> list[str]:
+    """Check the configured gene sets against the genes the cohort will have, before compute.
+
+    The same rules as the stage (aliases included, ``score.min_genes``,
+    ``score.on_small_set``), applied to ``genes`` (the genes of the input
+    files as ingest merges them). The stage can still find fewer genes
+    (preprocess drops genes detected in no cell), never more.
+
+    Parameters
+    ----------
+    cfg
+        Run configuration (``score`` section).
+    genes
+        The cohort's gene symbols.
+    where
+        How messages name ``genes`` (e.g. ``"the counts files (genes of all samples)"``).
+
+    Returns
+    -------
+    The warnings the stage would issue (sets it would skip), not issued.
+
+    Raises
+    ------
+    InputError
+        A set below ``score.min_genes`` with ``on_small_set: error``, or no set
+        with enough genes (the message names the set, its genes found and missing).
+    """
+    scfg = cfg.score
+    defined = sets_from_config(scfg.genesets, scfg.gmt, scfg.custom)
+    try:
+        sets, text = _small_sets(resolve_sets(defined, pd.Index(list(genes))), scfg, where=where)
+    except InputError as exc:
+        raise InputError(f"score: {exc}") from None
+    if not sets:
+        raise _nothing_scorable(scfg, where, f" ({text})" if text else "")
+    return [] if text is None else [f"score: {text}"]
 
 
 def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu") -> StageResult:

@@ -17,6 +17,7 @@ from anndata import AnnData
 
 from ...errors import DataFileError
 from ._assemble import _finish, _other_features
+from ._checks import _value_problem
 from ._common import (
     CountsFormat,
     _gex_mask,
@@ -26,12 +27,15 @@ from ._common import (
     _where,
     make_unique,
 )
-from ._h5ad import _load_h5ad, _plan_h5ad
+from ._h5ad import _PEEK_BLOCK, _PEEK_BLOCKS, _load_h5ad, _plan_h5ad
 from ._locate import _locate
-from ._tenx import _load_10x_h5, _load_mtx, _plan_10x_h5, _plan_mtx
+from ._tenx import _load_10x_h5, _load_mtx, _peek_10x_h5, _peek_mtx, _plan_10x_h5, _plan_mtx
 
 # under the 'immuneage' logger, whose handler the CLI sets (shown in runs, not via root)
 logger = logging.getLogger("immuneage.io.readers")
+
+#: Stored values :func:`inspect_counts` checks for being counts (as many as an h5ad's choice reads).
+SAMPLED_VALUES = _PEEK_BLOCKS * _PEEK_BLOCK
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ def inspect_counts(
     """
     path = Path(path)
     plan = _plan(path, sample, counts_layer, symbol_column)
+    if plan.located.format != "h5ad":  # h5ad: _plan chose the matrix by the same check
+        _check_sampled_values(plan, sample)
     gex = _gex_mask(plan.types, len(plan.symbols))
     genes, _ = make_unique([s for s, keep in zip(plan.symbols, gex, strict=True) if keep])
     return CountsSummary(
@@ -130,6 +136,30 @@ def inspect_counts(
         raw_matrix=plan.located.raw_matrix,
         other_features=_other_features(plan.types),
     )
+
+
+def _check_sampled_values(plan: _Plan, sample: str | None) -> None:
+    """A sampled block of a 10x matrix's stored values must be counts (no matrix is loaded).
+
+    Cell Ranger ``.h5``: :data:`SAMPLED_VALUES` entries in a few blocks spread
+    over ``data``; matrix directory: the first :data:`SAMPLED_VALUES` entries of
+    ``matrix.mtx``. :func:`read_counts` checks every value when ingest loads it.
+    """
+    file = plan.located.file
+    where = _where(file, sample)
+    with _unreadable_as_error(where):
+        if plan.located.format == "10x_h5":
+            values = _peek_10x_h5(file, where)
+        else:
+            values = _peek_mtx(file, SAMPLED_VALUES)
+    problem = _value_problem(values, "sampled stored values")
+    if problem is not None:
+        raise DataFileError(
+            f"{where}: {problem}. immuneage needs raw UMI counts, not normalised, scaled or "
+            "log-transformed values: point the sample sheet at the matrix Cell Ranger wrote "
+            "(filtered_feature_bc_matrix), or at an .h5ad holding the raw counts (in "
+            "layers['counts'], raw.X or X, or named with counts_layer)."
+        )
 
 
 def _plan(

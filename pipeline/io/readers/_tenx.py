@@ -110,6 +110,44 @@ def _plan_10x_h5(located: _Located, sample: str | None) -> _Plan:
     return _Plan(located, n_cells, symbols, ids, types, "matrix", layout["name"])
 
 
+def _peek_10x_h5(file: Path, where: str) -> np.ndarray:
+    """A sample of a Cell Ranger ``.h5``'s stored counts: a few blocks spread over ``data``."""
+    from ._h5ad import _peek
+
+    with h5py.File(file, "r") as f:
+        return _peek(f[_10x_h5_layout(f, where)["data"]])
+
+
+def _peek_mtx(directory: Path, n: int) -> np.ndarray:
+    """The values of the first ``n`` entries of a 10x matrix directory's ``matrix.mtx[.gz]``.
+
+    Empty for a ``pattern`` matrix (no values stored). A value that is not a
+    number becomes NaN (so the counts check names it).
+    """
+    files, _ = _find_mtx_files(directory)
+    assert files is not None
+    values: list[float] = []
+    with _open_text(files.matrix) as fh:
+        fields = fh.readline().split()
+        if len(fields) > 3 and fields[3].lower() == "pattern":
+            return np.zeros(0)
+        size_seen = False
+        for line in fh:
+            if not line.strip() or line.startswith("%"):
+                continue
+            if not size_seen:
+                size_seen = True
+                continue
+            parts = line.split()
+            try:
+                values.append(float(parts[2]))
+            except (IndexError, ValueError):
+                values.append(float("nan"))
+            if len(values) >= n:
+                break
+    return np.asarray(values, dtype=np.float64)
+
+
 def _load_10x_h5(file: Path, where: str) -> tuple[sp.csr_matrix, np.ndarray]:
     with h5py.File(file, "r") as f:
         layout = _10x_h5_layout(f, where)
