@@ -7,7 +7,10 @@ Jaccard >= 0.95; top-10 PCs matched with |correlation| >= 0.99.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 
 import anndata as ad
 import numpy as np
@@ -140,6 +143,7 @@ def test_outputs_follow_scverse_conventions(data, scanpy_result):
     assert np.all(out.varm["PCs"][~out.var["highly_variable"].to_numpy()] == 0)
     assert np.all(np.diff(out.uns["pca"]["variance_ratio"]) <= 1e-9)
     assert {"total_counts", "pct_counts_mt", "qc_pass"} <= set(out.obs)
+    assert out.uns["log1p"] == {"base": None}  # as scanpy's log1p writes it: natural log
     info = out.uns["immuneage"]["preprocess"]
     assert info["backend"] == "scanpy" and info["n_cells_out"] == out.n_obs
     assert list(res.tables["hvg"]["gene"][:3]) == list(
@@ -167,6 +171,7 @@ def test_kernels_match_scanpy(data, scanpy_result, device):
     got_res, _ = _run(data, "kernels", device)
     got = got_res.adata
     assert got.uns["immuneage"]["preprocess"]["backend"] == "kernels"
+    assert got.uns["log1p"] == ref.uns["log1p"] == {"base": None}
     # same cells and genes, QC metrics equal
     assert list(got.obs_names) == list(ref.obs_names)
     assert list(got.var_names) == list(ref.var_names)
@@ -251,6 +256,7 @@ def test_rare_genes_stay_for_scoring_but_are_not_hvg_candidates(data, backed, tm
     assert (var["hvg_candidate"] == (var["n_cells_by_counts"] >= 3)).all()
     assert not (var["highly_variable"] & ~var["hvg_candidate"]).any()
     assert var["highly_variable"].sum() == 300
+    assert out.uns["log1p"] == {"base": None}  # on disk too (X is a lazy log1p)
     info = out.uns["immuneage"]
     assert info["preprocess"]["n_genes_out"] == out.n_vars == a.n_vars - 1
     assert info["preprocess"]["n_hvg_candidates"] == int(var["hvg_candidate"].sum())
@@ -279,13 +285,35 @@ def _small_real_design() -> ad.AnnData:
     return a
 
 
-def _hvg(a: ad.AnnData, backend: str) -> tuple[ad.AnnData, list]:
+@contextlib.contextmanager
+def _log_lines(level: int = logging.INFO) -> Iterator[list[str]]:
+    """Messages the ``immuneage`` logger emits at ``level`` or above (whatever its propagation)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("immuneage")
+    handler, old = Keep(level), log.level
+    log.addHandler(handler)
+    log.setLevel(min(level, old) if old else level)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+
+
+def _hvg(a: ad.AnnData, backend: str, lines: list[str] | None = None) -> tuple[ad.AnnData, list]:
     from pipeline.stages.preprocess import highly_variable
 
     b = a.copy()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _log_lines() as logged:
         warnings.simplefilter("always")
         highly_variable(b, load_config(None).preprocess, backend, torch.device("cpu"))
+    if lines is not None:
+        lines.extend(logged)
     return b, [w for w in caught if issubclass(w.category, ImmuneageWarning)]
 
 
@@ -299,8 +327,14 @@ def test_loess_failure_on_a_small_real_design_widens_the_span_quietly():
         )
     got = {}
     for backend in ("scanpy", "kernels"):
-        b, warned = _hvg(a, backend)
+        lines: list[str] = []
+        b, warned = _hvg(a, backend, lines)
         assert warned == []  # a wider span is routine: logged, not warned
+        # one summary line for the run, whichever backend (scanpy's own failure is DEBUG)
+        said = [m for m in lines if "LOESS" in m]
+        assert len(said) == 1, lines
+        assert "failed for 3 of 3 batches of 'sample'" in said[0] and "wider span" in said[0]
+        assert "trend_fits" in said[0]
         hvg = b.uns["immuneage"]["hvg"]
         assert hvg["fallback"] and set(hvg["trend_fits"]) == set(a.obs["sample"])
         assert all(f.startswith("loess span") for f in hvg["trend_fits"].values())
@@ -339,3 +373,39 @@ def test_loess_failing_at_every_span_gets_a_quadratic_trend_warned_once(data, mo
         hvg_seurat_v3(a.layers["counts"], n_top_genes=100, device="cpu")
     assert is_loess_error(err.value)
     assert not is_loess_error(ValueError("n_top_genes must be a positive number of genes"))
+
+
+def test_hvg_fallback_is_one_summary_warned_only_when_the_quadratic_dominates():
+    from pipeline.stages.preprocess import _report_fits
+
+    def report(fits: dict[str, str], batch_key: str | None = "sample"):
+        with warnings.catch_warnings(record=True) as caught, _log_lines() as lines:
+            warnings.simplefilter("always")
+            _report_fits(fits, 0.3, batch_key)
+        return [str(w.message) for w in caught], [m for m in lines if "LOESS" in m]
+
+    ok = {f"S{i:02d}": "loess span 0.3" for i in range(20)}
+    assert report(ok) == ([], [])
+    # 12 of 20 batches widened, 2 quadratic: one INFO line, counts per span, a few names
+    fits = ok | {f"S{i:02d}": "loess span 0.5" for i in range(10)}
+    fits |= {
+        "S10": "loess span 0.9",
+        "S11": "loess span 0.9",
+        "S12": "quadratic",
+        "S13": "quadratic",
+    }
+    warned, lines = report(fits)
+    assert warned == [] and len(lines) == 1
+    line = lines[0]
+    assert "failed for 14 of 20 batches of 'sample'" in line
+    assert "0.5: 10 batches, 0.9: 2 batches" in line and "quadratic trend for 2" in line
+    assert "S00, S01" in line and "S13" not in line and "..." in line  # names capped
+    # the quadratic for half of the batches or more: one warning naming them, no INFO line
+    fits = ok | {f"S{i:02d}": "quadratic" for i in range(10)}
+    warned, lines = report(fits)
+    assert lines == [] and len(warned) == 1
+    assert "10 of 20 batches of 'sample'" in warned[0] and "hvg_batch_key" in warned[0]
+    warned, _ = report({"all cells": "quadratic"}, None)
+    assert len(warned) == 1 and "single batch" in warned[0] and "hvg_batch_key" not in warned[0]
+    warned, lines = report({"all cells": "loess span 0.7"}, None)
+    assert warned == [] and len(lines) == 1 and "0.7: 1 batch)" in lines[0]

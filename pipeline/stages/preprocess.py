@@ -48,9 +48,12 @@ if TYPE_CHECKING:
 
 #: var column marking the genes that may be highly variable (seen in min_cells_per_gene cells).
 HVG_CANDIDATE = "hvg_candidate"
+#: uns key scanpy's ``pp.log1p`` writes (``{"base": None}``: natural log) and its functions read.
+LOG1P = "log1p"
 
 __all__ = [
     "HVG_CANDIDATE",
+    "LOG1P",
     "filter_cells_genes",
     "highly_variable",
     "normalize",
@@ -162,6 +165,11 @@ def normalize(
 ) -> None:
     """Set ``X`` to log1p of the library-size-normalised counts (in place).
 
+    Every backend, in memory or on disk, records ``uns["log1p"] = {"base": None}``
+    (natural log) as ``scanpy.pp.log1p`` does: scanpy's functions read it
+    (``rank_genes_groups`` un-logs means with it; ``log1p`` and
+    ``highly_variable_genes`` use it to tell log data from counts).
+
     With on-disk counts (``backed`` mode) ``X`` becomes a lazy matrix computed a
     block of cells at a time when it is read (by HVG/PCA here, then by the
     runner writing the artifact): ``log1p(counts * target_sum / total)``, each
@@ -184,6 +192,7 @@ def normalize(
             return normalize_log1p(block, target_sum=target, device=device)
 
         adata.X = MappedRows(counts, lognorm, dtype=np.float32)
+        adata.uns[LOG1P] = {"base": None}
         return
     if backend == "kernels":
         from ..kernels import normalize_log1p
@@ -203,8 +212,8 @@ def normalize(
         adata.X = counts.astype(np.float32, copy=True)
         sc.pp.normalize_total(adata, target_sum=cfg.target_sum)
         sc.pp.log1p(adata)
-        adata.uns.pop("log1p", None)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.uns[LOG1P] = {"base": None}
 
 
 def highly_variable(
@@ -231,8 +240,10 @@ def highly_variable(
     backend runs scanpy first and, when its LOESS fails, the torch kernel
     (:func:`pipeline.kernels.hvg_seurat_v3`, scanpy's algorithm, on the CPU)
     with that per-batch fallback, so both backends give the same result.
-    Widening the span is routine on small designs and only logged; a batch
-    that needs the quadratic trend is warned once. ``uns["immuneage"]["hvg"]``
+    The batches whose fit failed at ``span`` are summarised once (one INFO
+    line: widening the span is routine on small batches); a warning is issued
+    only when the quadratic trend took over for at least half of the batches
+    (:func:`_report_fits`). ``uns["immuneage"]["hvg"]``
     records the flavour, batch key, span, candidates and each batch's fit
     (``trend_fits``: batch -> ``loess span S`` or ``quadratic``).
     """
@@ -292,28 +303,87 @@ def highly_variable(
     adata.var["highly_variable"] = adata.var["highly_variable"].to_numpy(bool) | forced
 
 
+#: Batches named in the HVG fallback summary (all of them are in ``uns["immuneage"]["hvg"]``).
+_NAMED_BATCHES = 6
+
+
+def _fit_order(fit: str) -> tuple[int, float]:
+    """Sort key of a trend fit: LOESS by span, then the quadratic."""
+    if fit == "quadratic":
+        return (1, 0.0)
+    return (0, float(fit.rsplit(" ", 1)[-1]))
+
+
 def _report_fits(fits: dict[str, str], span: float, batch_key: str | None) -> None:
-    """Log widened spans (routine on small batches); warn once for quadratic trends."""
-    widened = {b: f for b, f in fits.items() if f not in (f"loess span {span:g}", "quadratic")}
-    if widened:
-        log.info(
-            "preprocess: seurat_v3 LOESS at span %g failed for %d batch(es) of %s; refitted "
-            "with a wider span: %s",
-            span,
-            len(widened),
-            batch_key or "all cells",
-            ", ".join(f"{b} ({f})" for b, f in widened.items()),
+    """Summarise, once per run, the batches whose seurat_v3 LOESS fit at ``span`` failed.
+
+    A wider span is the routine case on small batches (gene means of a few
+    dozen cells take few distinct values and skmisc's local fits turn
+    singular; on real PBMCs even 10-cell samples fit at span 0.7): one INFO
+    line. A quadratic trend (every span failed) for a minority of the batches
+    changes little, since a gene's rank is its median over batches: said in
+    the same line. Only when at least half of the batches (or the only one)
+    got the quadratic trend do the highly variable genes rest mostly on it
+    rather than on seurat_v3's local fit: then one :class:`ImmuneageWarning`.
+    """
+    from ..kernels.hvg import FALLBACK_SPANS
+
+    default = f"loess span {span:g}"
+    failed = {b: f for b, f in fits.items() if f != default}
+    if not failed:
+        return
+    n = len(fits)
+    where = (
+        f"{len(failed)} of {n} batches of {batch_key!r}"
+        if batch_key is not None
+        else "the single batch (all cells)"
+    )
+    counts: dict[str, int] = {}
+    for f in sorted(failed.values(), key=_fit_order):
+        counts[f] = counts.get(f, 0) + 1
+    quad = counts.pop("quadratic", 0)
+    how = []
+    if counts:
+        spans = ", ".join(
+            f"{f.removeprefix('loess span ')}: {k} batch{'es' if k > 1 else ''}"
+            for f, k in counts.items()
         )
-    quad = [b for b, f in fits.items() if f == "quadratic"]
+        how.append(f"refitted with a wider span ({spans})")
     if quad:
-        warnings.warn(
-            f"seurat_v3 LOESS failed at every span (up to 0.9) for {len(quad)} batch(es) of "
-            f"{batch_key or 'all cells'!r}: {', '.join(quad[:10])}{' ...' if len(quad) > 10 else ''}"
-            " (too few cells or genes for a local fit); their mean-variance trend is one "
-            "quadratic of log variance on log mean instead (uns['immuneage']['hvg']['trend_fits'])",
-            ImmuneageWarning,
-            stacklevel=3,
+        how.append(f"a quadratic trend for {quad} (every span failed)")
+
+    def named(batches: list[str]) -> str:
+        if batch_key is None:
+            return ""
+        more = " ..." if len(batches) > _NAMED_BATCHES else ""
+        return f" ({', '.join(sorted(batches)[:_NAMED_BATCHES])}{more})"
+
+    if 2 * quad < n:
+        log.info(
+            "preprocess: HVG: the seurat_v3 LOESS fit at span %g failed for %s%s, routine on "
+            "small batches; %s; each batch's fit: uns['immuneage']['hvg']['trend_fits']",
+            span,
+            where,
+            named(list(failed)),
+            "; ".join(how),
         )
+        return
+    quads = [b for b, f in failed.items() if f == "quadratic"]
+    pool = (
+        ""
+        if batch_key is None
+        else "; pooling small batches (preprocess.hvg_batch_key: a coarser column, or null for "
+        "one fit over all cells) gives LOESS more cells per fit"
+    )
+    warnings.warn(
+        f"HVG: the seurat_v3 LOESS fit failed at every span (up to {FALLBACK_SPANS[-1]:g}) for "
+        f"{where if batch_key is None else f'{quad} of {n} batches of {batch_key!r}'}"
+        f"{named(quads)}: too few cells or genes for a local fit, so the highly variable genes "
+        f"rest {'' if quad == n else 'mostly '}on one quadratic of log variance on log mean instead "
+        f"(uns['immuneage']['hvg']['trend_fits']){pool}",
+        ImmuneageWarning,
+        stacklevel=3,
+    )
 
 
 def _hvg_candidates(
@@ -363,7 +433,7 @@ def _hvg_candidates(
         except ValueError as exc:
             if not is_loess_error(exc):
                 raise
-            log.info(
+            log.debug(
                 "preprocess: scanpy's seurat_v3 LOESS failed (%s); fitting each batch with the "
                 "kernels' seurat_v3 and its span fallback",
                 str(exc).strip("b'\""),
@@ -488,7 +558,7 @@ def run_preprocess(
     ``var["variances_norm"]``, ``var["highly_variable_nbatches"]`` (with a
     batch key), ``var["hvg_forced"]``, ``var["n_cells_by_counts"]``,
     ``var["hvg_candidate"]``, ``obsm["X_pca"]``, ``varm["PCs"]``,
-    ``uns["pca"]``, ``uns["immuneage"]["hvg"]`` (flavour, span, each batch's
+    ``uns["pca"]``, ``uns["log1p"]``, ``uns["immuneage"]["hvg"]`` (flavour, span, each batch's
     trend fit, see :func:`highly_variable`) and ``uns["immuneage"]["preprocess"]``
     (backend, cell and gene counts, HVG candidates).
     """
