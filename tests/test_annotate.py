@@ -21,7 +21,9 @@ from pipeline.errors import ImmuneageWarning, InputError
 from pipeline.markers import load_marker_panel
 from pipeline.runner import Runner
 from pipeline.stages.annotate import (
+    MIN_TYPE_CELLS,
     UNASSIGNED,
+    _finalise,
     cell_type_counts,
     majority_vote,
     run_annotate,
@@ -120,7 +122,16 @@ def test_output_keys_and_tables(annotated, tmp_path: Path) -> None:
     counts = res.tables["cell_type_counts"]
     assert list(counts.columns) == ["sample", "donor", "timepoint", "cell_type", "n_cells"]
     assert counts["n_cells"].sum() == out.n_obs
-    assert len(counts) == out.obs["sample"].nunique() * len(ct.cat.categories)  # zeros kept
+    # every annotatable type is listed, zeros kept, also a type no cell has
+    assert len(counts) == out.obs["sample"].nunique() * (scores.shape[1] + 1)
+    assert set(counts["cell_type"]) == {*scores.columns, UNASSIGNED}
+    assert set(info["n_cells"]) == {*scores.columns, UNASSIGNED}
+    # the label columns hold only the categories some cell has, each of >= MIN_TYPE_CELLS
+    for col in ("cell_type", "cell_type_coarse", "cell_type_cell_level"):
+        assert (out.obs[col].value_counts() > 0).all(), col
+    sizes = ct.value_counts()
+    assert (sizes.drop(UNASSIGNED, errors="ignore") >= MIN_TYPE_CELLS).all()
+    assert isinstance(info["too_few_cells"], dict)
     per_sample = counts.groupby("sample")["n_cells"].sum()
     assert (per_sample == out.obs["sample"].value_counts().reindex(per_sample.index)).all()
     votes = res.tables["cell_type_clusters"]
@@ -156,7 +167,13 @@ def test_scores_equal_dense_z_score_means(demo_run) -> None:
 def test_without_voting_the_cell_level_labels_are_final(demo_run) -> None:
     a, truth = demo_run
     out, res, _ = _annotate(a, majority_voting=False)
-    assert (out.obs["cell_type"] == out.obs["cell_type_cell_level"]).all()
+    final = out.obs["cell_type"].astype(str)
+    cell_level = out.obs["cell_type_cell_level"].astype(str)
+    rare = out.uns["immuneage"]["annotate"]["too_few_cells"]
+    # the same labels, but for types too rare to keep (fewer than MIN_TYPE_CELLS cells)
+    same = final == cell_level
+    assert (same | ((final == UNASSIGNED) & cell_level.isin(list(rare)))).all()
+    assert {t: int((cell_level == t).sum()) for t in rare} == rare
     assert "cell_type_clusters" not in res.tables
     y, pred = _truth_and_pred(out, truth)
     assert balanced_accuracy_score(y, pred) >= 0.85
@@ -285,6 +302,46 @@ def test_majority_vote_definition() -> None:
         np.array(["A", "B"]), np.array([[0.6, 0.4, 0], [0.1, 0.9, 0]]), types, pd.Series(["x", "x"])
     )
     assert list(final) == ["B", "B"]
+
+
+def test_a_type_of_one_cell_is_unassigned_and_unused_categories_dropped() -> None:
+    panel = load_marker_panel()
+    types = ["CD14 monocyte", "NK", "NK CD56bright", "B naive"]
+    labels = np.array(["CD14 monocyte"] * 3 + ["NK"] * 2 + ["NK CD56bright"], dtype=object)
+    conf = np.array([0.9, 0.9, 0.2, 0.8, 0.9, 0.95])
+    a = ad.AnnData(
+        np.zeros((6, 1), np.float32),
+        obs=pd.DataFrame({"sample": pd.Categorical(["s1"] * 3 + ["s2"] * 3)}, index=list("abcdef")),
+    )
+    vote, rare = _finalise(a, panel, types, labels, conf, np.zeros((6, 4)), None, 0.5)
+    assert vote is None and rare == {"NK CD56bright": 1}
+    ct = a.obs["cell_type"]
+    assert list(ct.astype(str)) == [*["CD14 monocyte"] * 2, UNASSIGNED, "NK", "NK", UNASSIGNED]
+    # panel order, only the labels some cell has ('B naive' and the singleton dropped)
+    assert list(ct.cat.categories) == ["CD14 monocyte", "NK", UNASSIGNED]
+    assert list(a.obs["cell_type_coarse"].cat.categories) == [
+        panel.lineage_of("CD14 monocyte"),
+        panel.lineage_of("NK"),
+        UNASSIGNED,
+    ]
+    # the per-cell label is the diagnostic before the vote: the singleton stays there
+    assert list(a.obs["cell_type_cell_level"].cat.categories) == [
+        "CD14 monocyte",
+        "NK",
+        "NK CD56bright",
+        UNASSIGNED,
+    ]
+    assert a.obs["cell_type_confidence"].iloc[5] == pytest.approx(0.95)  # kept
+    # the counts table still lists every type of the panel, zeros included
+    counts = cell_type_counts(a, types=[*types, UNASSIGNED])
+    assert len(counts) == 2 * 5
+    assert counts.groupby("cell_type", observed=False)["n_cells"].sum().to_dict() == {
+        "B naive": 0,
+        "CD14 monocyte": 2,
+        "NK": 2,
+        "NK CD56bright": 0,
+        UNASSIGNED: 2,
+    }
 
 
 def test_cell_type_counts_without_metadata() -> None:

@@ -32,7 +32,13 @@ Majority voting (``annotate.majority_voting``)
     pulled into a cluster of another type loses its label rather than
     inheriting a wrong one. Without voting the confidence is ``p_i(label)``.
 
-Cells whose confidence is below ``annotate.min_confidence`` are ``unassigned``.
+Cells whose confidence is below ``annotate.min_confidence`` are ``unassigned``,
+and so are the cells of a type that ends up with fewer than
+:data:`MIN_TYPE_CELLS` cells in the cohort (their confidence is kept; the
+type is listed in ``uns["immuneage"]["annotate"]["too_few_cells"]``). The
+label columns hold only the categories some cell has (scanpy's group-wise
+functions take them as they are); ``tables/cell_type_counts.tsv`` lists
+every annotatable type, zeros included.
 
 Missing markers
     Panel genes absent from ``var_names`` (aliases are tried) are listed in the
@@ -84,6 +90,7 @@ __all__ = [
     "CELL_TYPE_COARSE",
     "CELL_TYPE_CONFIDENCE",
     "CELL_TYPE_SCORES",
+    "MIN_TYPE_CELLS",
     "TEMPERATURE",
     "UNASSIGNED",
     "MarkerScores",
@@ -113,6 +120,10 @@ CLUSTER_KEY = keys.LEIDEN
 REFINE_BELOW = 0.8
 #: Clusters smaller than this are never split.
 REFINE_MIN_CELLS = 10
+#: A final type given to fewer cells than this in the whole cohort is ``unassigned``:
+#: one cell is no population (no spread, never testable downstream) and scanpy's
+#: group statistics (``rank_genes_groups``) refuse a group of one cell.
+MIN_TYPE_CELLS = 2
 
 
 # --------------------------------------------------------------------------- coverage
@@ -413,8 +424,20 @@ def refine_heterogeneous_clusters(
 
 
 # --------------------------------------------------------------------------- tables
-def cell_type_counts(adata: AnnData, column: str = CELL_TYPE) -> pd.DataFrame:
+def cell_type_counts(
+    adata: AnnData, column: str = CELL_TYPE, *, types: list[str] | None = None
+) -> pd.DataFrame:
     """Cells per sample and cell type, long format, zeros included.
+
+    Parameters
+    ----------
+    adata
+        Annotated cells (``obs[column]``; ``sample``, ``donor``, ``timepoint`` when present).
+    column
+        The label column.
+    types
+        Every type to list, in order (default: the column's categories, else its
+        sorted values); a type no cell has gets zero rows.
 
     Returns
     -------
@@ -425,7 +448,8 @@ def cell_type_counts(adata: AnnData, column: str = CELL_TYPE) -> pd.DataFrame:
     sample = obs[keys.SAMPLE] if keys.SAMPLE in obs else pd.Series("all", index=obs.index)
     labels = obs[column]
     samples = list(sample.cat.categories) if hasattr(sample, "cat") else sorted(set(sample))
-    types = list(labels.cat.categories) if hasattr(labels, "cat") else sorted(set(labels))
+    if types is None:
+        types = list(labels.cat.categories) if hasattr(labels, "cat") else sorted(set(labels))
     tab = pd.crosstab(
         pd.Categorical(sample.astype(str), categories=[str(s) for s in samples]),
         pd.Categorical(labels.astype(str), categories=types),
@@ -472,8 +496,13 @@ def _finalise(
     prob: np.ndarray,
     clusters: pd.Series | None,
     min_confidence: float,
-) -> pd.DataFrame | None:
-    """Write the label columns; return the per-cluster vote table (or None)."""
+) -> tuple[pd.DataFrame | None, dict[str, int]]:
+    """Write the label columns; return the per-cluster vote table (or None) and the rare types.
+
+    The categories are the panel's order (``types``, then ``unassigned``)
+    restricted to the labels some cell has. A type left with fewer than
+    :data:`MIN_TYPE_CELLS` cells is ``unassigned`` (returned: type -> its cells).
+    """
     cell_level = np.where(cell_conf >= min_confidence, cell_labels, UNASSIGNED)
     vote_table = None
     if clusters is not None and len(types):
@@ -481,16 +510,26 @@ def _finalise(
     else:
         final, conf = cell_labels, cell_conf
     final = np.where(conf >= min_confidence, final, UNASSIGNED)
+    labels, n = np.unique(final.astype(str), return_counts=True)
+    rare = {
+        str(t): int(k)
+        for t, k in zip(labels, n, strict=True)
+        if t != UNASSIGNED and k < MIN_TYPE_CELLS
+    }
+    if rare:
+        final = np.where(np.isin(final, list(rare)), UNASSIGNED, final)
     cats = [*types, UNASSIGNED]
     coarse_of = {t: panel.lineage_of(t) or "unknown" for t in types} | {UNASSIGNED: UNASSIGNED}
     coarse_cats = list(dict.fromkeys(coarse_of[t] for t in cats))
-    adata.obs[CELL_TYPE_CELL_LEVEL] = pd.Categorical(cell_level, categories=cats)
-    adata.obs[CELL_TYPE] = pd.Categorical(final, categories=cats)
-    adata.obs[CELL_TYPE_COARSE] = pd.Categorical(
-        [coarse_of[t] for t in final], categories=coarse_cats
-    )
+
+    def categorical(values: Any, categories: list[str]) -> pd.Categorical:
+        return pd.Categorical(values, categories=categories).remove_unused_categories()
+
+    adata.obs[CELL_TYPE_CELL_LEVEL] = categorical(cell_level, cats)
+    adata.obs[CELL_TYPE] = categorical(final, cats)
+    adata.obs[CELL_TYPE_COARSE] = categorical([coarse_of[t] for t in final], coarse_cats)
     adata.obs[CELL_TYPE_CONFIDENCE] = np.asarray(conf, dtype=np.float32)
-    return vote_table
+    return vote_table, rare
 
 
 def _empty_labels(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -582,8 +621,8 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
     -------
     StageResult with the AnnData (modified in place) holding
 
-    - ``obs["cell_type"]``: final fine label (categorical; panel types that
-      can be annotated, then ``unassigned``);
+    - ``obs["cell_type"]``: final fine label (categorical, in panel order, then
+      ``unassigned``; only the labels some cell has);
     - ``obs["cell_type_coarse"]``: its lineage (``T_CD4``, ``NK``, ``mono``, ...);
     - ``obs["cell_type_confidence"]``: confidence in [0, 1] (module docstring);
     - ``obs["cell_type_cell_level"]``: the per-cell label before voting
@@ -592,7 +631,9 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
       (CellTypist: its probability matrix);
     - ``uns["immuneage"]["annotate"]``: method, panel name/version/path/sha256,
       parameters, ``not_annotatable``, ``missing_genes``, counts of cells per
-      label and the unassigned fraction;
+      annotatable type (zeros included), ``too_few_cells`` (types unassigned
+      for having fewer than :data:`MIN_TYPE_CELLS` cells: type -> cells) and
+      the unassigned fraction;
 
     and the tables ``marker_coverage`` (marker panel only), ``cell_type_counts``
     (sample, donor, timepoint, cell_type, n_cells; zeros included) and, with
@@ -689,15 +730,25 @@ def run_annotate(adata: AnnData, cfg: Config, *, device: torch.device | str = "c
             adata, clusters, cell_labels, resolution=cfg.cluster.resolution, seed=cfg.seed
         )
     info["split_clusters"] = split
-    vote_table = _finalise(
+    vote_table, rare = _finalise(
         adata, panel, types, cell_labels, cell_conf, prob, vote_clusters, a.min_confidence
     )
+    if rare:
+        log.info(
+            "annotate: %s: fewer than %d cells in the cohort, unassigned",
+            ", ".join(f"{t} ({k} cell{'s' if k > 1 else ''})" for t, k in rare.items()),
+            MIN_TYPE_CELLS,
+        )
     adata.obsm[CELL_TYPE_SCORES] = scores
-    counts = adata.obs[CELL_TYPE].value_counts()
+    all_types = [*types, UNASSIGNED]
+    counts = pd.Series(
+        pd.Categorical(adata.obs[CELL_TYPE].astype(str), categories=all_types)
+    ).value_counts(sort=False)
     info["n_cells"] = {str(k): int(v) for k, v in counts.items()}
+    info["too_few_cells"] = rare
     info["unassigned_fraction"] = float((adata.obs[CELL_TYPE] == UNASSIGNED).mean())
     adata.uns.setdefault(keys.UNS, {})["annotate"] = info
-    tables["cell_type_counts"] = cell_type_counts(adata)
+    tables["cell_type_counts"] = cell_type_counts(adata, types=all_types)
     if vote_table is not None:
         tables["cell_type_clusters"] = vote_table
     log.info(
