@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,12 @@ log = logging.getLogger("immuneage")
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is at each message, not as it was at setup (a later
-    ``main()`` in the same process, or a notebook that swapped stderr, gets the lines)."""
+    """The terminal's handler: writes to ``sys.stderr`` as it is at each message, not as
+    it was at setup (a later ``main()`` in the same process, or a notebook that swapped
+    stderr, gets the lines); records marked ``file_only`` (the run log's header) are
+    left to the run log."""
+
+    console = True  # pipeline.progress draws bars only when this handler shows INFO
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
@@ -35,15 +40,49 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value: Any) -> None:
         pass
 
+    def filter(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        return not getattr(record, "file_only", False) and super().filter(record)
+
+
+_shown_warnings: set[str] = set()
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one log line each, once per text, without Python source lines.
+
+    A library's numeric warning (e.g. numpy's ``RuntimeWarning``) names its category
+    and origin so it can be reported; immuneage's own warnings are plain text.
+    """
+    from .errors import ImmuneageWarning
+
+    text = str(message).strip()
+    if not issubclass(category, ImmuneageWarning):
+        origin = Path(filename).parent.name + "/" + Path(filename).name if filename else "?"
+        text = f"{text} ({category.__name__} from {origin}:{lineno})"
+    if text in _shown_warnings:
+        return
+    _shown_warnings.add(text)
+    log.warning("warning: %s", text)
+
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[immuneage %(asctime)s] %(message)s", "%H:%M:%S"))
+    handler.setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
     log.handlers[:] = [handler]
-    log.setLevel(level)
+    # the run log (<outdir>/logs/) takes INFO even when the terminal is quiet
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
     logging.captureWarnings(False)
+    _shown_warnings.clear()
+    warnings.showwarning = _show_warning
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -81,13 +120,32 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="re-run every selected stage even if up to date"
     )
     p.add_argument(
+        "--qc-only",
+        action="store_true",
+        help="pilot run: ingest and QC only, then OUTDIR/qc_report.html; needs no study design "
+        "(one sample, any timepoint names)",
+    )
+    p.add_argument(
         "--sample",
         help="with --stage of a per-sample stage: process only this sample (Slurm array task)",
     )
-    p.add_argument("--quiet", action="store_true", help="only warnings and errors (for batch logs)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N threads (BLAS/OpenMP, torch, numba); default: config 'threads'",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="only warnings and errors on the terminal (the run log under OUTDIR/logs/ keeps all)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .stages import stage_names
+
     parser = argparse.ArgumentParser(
         prog="immuneage",
         description="Single-cell immune profiling of longitudinal (exercise) cohorts.",
@@ -129,6 +187,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="YAML config (default: the built-in demo config = configs/demo.yaml)",
     )
     p_demo.add_argument("--no-run", action="store_true", help="only write the cohort")
+    p_demo.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="use at most N threads"
+    )
     p_demo.add_argument("--quiet", action="store_true", help="only warnings and errors")
 
     p_val = sub.add_parser(
@@ -140,6 +201,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p_val.add_argument("--samplesheet", required=True, type=Path, help="as for `immuneage run`")
     p_val.add_argument("--config", type=Path, default=None)
+    p_val.add_argument(
+        "--until",
+        choices=stage_names(),
+        default=None,
+        help="check only what the stages up to this one need (as `run --until`)",
+    )
+    p_val.add_argument(
+        "--qc-only", action="store_true", help="check what a pilot run (`run --qc-only`) needs"
+    )
     p_val.add_argument("--quiet", action="store_true")
 
     sub.add_parser(
@@ -262,19 +332,45 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .config import load_config
     from .runner import Runner
 
-    cfg = load_config(args.config)
+    cfg = _with_threads(load_config(args.config), args.threads)
+    until = args.until
+    notes: list[str] = []
+    if args.qc_only:
+        from .runner import PILOT_STAGES, pilot_config
+
+        if args.stage is not None or (args.until and args.until not in PILOT_STAGES):
+            flag = f"--stage {args.stage}" if args.stage else f"--until {args.until}"
+            raise InputError(f"--qc-only runs {' and '.join(PILOT_STAGES)}; drop {flag}")
+        until = args.until or PILOT_STAGES[-1]
+        cfg, notes = pilot_config(args.samplesheet, cfg)
     runner = Runner(
-        args.samplesheet, cfg, args.outdir, config_path=args.config, argv=["immuneage", *argv]
+        args.samplesheet,
+        cfg,
+        args.outdir,
+        config_path=args.config,
+        argv=["immuneage", *argv],
+        notes=notes,
     )
     summary = runner.run(
         stage=args.stage,
-        until=args.until,
+        until=until,
         from_stage=args.from_stage,
         force=args.force,
         sample=args.sample,
     )
     _print_summary(summary)
+    if args.qc_only and (summary.outdir / "qc_report.html").exists():
+        print(f"QC report: {summary.outdir / 'qc_report.html'}")
     return 0
+
+
+def _with_threads(cfg: Any, threads: int | None) -> Any:
+    """The config with ``threads`` from ``--threads`` (validated like the config key)."""
+    if threads is None:
+        return cfg
+    if threads < 1:
+        raise InputError(f"--threads {threads}: give a positive number of threads")
+    return cfg.model_copy(update={"threads": threads})
 
 
 def _print_summary(summary: object) -> None:
@@ -287,6 +383,8 @@ def _print_summary(summary: object) -> None:
     if prov.exists():
         print(f"  provenance: {prov}")
     print(f"  device: {summary.device}; wall time {summary.wall_s:.1f} s")  # type: ignore[attr-defined]
+    if getattr(summary, "log", None) is not None:
+        print(f"  log: {summary.log}")  # type: ignore[attr-defined]
     report = summary.outdir / "report.html"  # type: ignore[attr-defined]
     if report.exists():
         print(f"report: {report}")
@@ -322,7 +420,7 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"demo cohort: {cohort_dir} (sample sheet {sheet}, planted truth {truth})")
     if args.no_run:
         return 0
-    cfg = load_config(args.config) if args.config else demo_config()
+    cfg = _with_threads(load_config(args.config) if args.config else demo_config(), args.threads)
     covariates = cohort_dir / "covariates.csv"
     if not args.config and covariates.exists():
         # the demo's plasma betaine per sample: the covariate-association analysis runs too
@@ -337,9 +435,19 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .preflight import validate_inputs
+    from .runner import PILOT_STAGES, pilot_config
+    from .stages import stage_names
 
     cfg = load_config(args.config)
-    report = validate_inputs(args.samplesheet, cfg)
+    names = stage_names()
+    until = args.until or (PILOT_STAGES[-1] if args.qc_only else names[-1])
+    if args.qc_only:
+        if until not in PILOT_STAGES:
+            raise InputError(f"--qc-only checks {' and '.join(PILOT_STAGES)}; drop --until {until}")
+        cfg, notes = pilot_config(args.samplesheet, cfg)
+        for note in notes:
+            print(note)
+    report = validate_inputs(args.samplesheet, cfg, stages=names[: names.index(until) + 1])
     table = report.table()
     if not args.quiet:
         print(table.drop(columns=["path"]).to_string(index=False))
@@ -404,6 +512,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(exc: BaseException) -> str:
+    """The error's text and its notes (e.g. the runner's note on what is kept and how to resume)."""
+    notes = [n for n in getattr(exc, "__notes__", ()) if n]
+    return "\n".join([str(exc), *notes])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``immuneage`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -426,10 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "slurm":
             return _cmd_slurm(args, argv)
     except InputError as exc:
-        print(f"immuneage: error: {exc}", file=sys.stderr)
+        print(f"immuneage: error: {_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except OutputWriteError as exc:
-        print(f"immuneage: error: {exc}", file=sys.stderr)
+        print(f"immuneage: error: {_message(exc)}", file=sys.stderr)
         global _HARD_EXIT
         _HARD_EXIT = True
         return exc.exit_code
@@ -443,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"immuneage: internal error: {type(exc).__name__}: {exc}\n"
+            f"immuneage: internal error: {type(exc).__name__}: {_message(exc)}\n"
             "This is a bug in immuneage, not in your input: rerun with --debug for the traceback "
             "and report it.",
             file=sys.stderr,

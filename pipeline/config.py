@@ -770,6 +770,15 @@ class Config(_Section):
         ge=100,
         description="Cells per block when matrices are streamed (backed: true); memory ~ one block.",
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "At most this many threads for BLAS/OpenMP, torch and numba in a local run (null: "
+            "the libraries' defaults, usually every core). `immuneage run --threads N` sets it; "
+            "Slurm jobs use their allocation's CPUs. Results do not depend on it."
+        ),
+    )
     design: DesignConfig = Field(default_factory=DesignConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     ambient: AmbientConfig = Field(default_factory=AmbientConfig)

@@ -33,12 +33,19 @@ def verbose() -> bool:
 
 
 def interactive() -> bool:
-    """Whether to draw bars: progress is wanted and stderr is a terminal."""
+    """Whether to draw bars: the terminal shows INFO (not ``--quiet``) and stderr is a TTY.
+
+    The terminal is the handler the CLI installs (marked ``console``); without it
+    (a library call) no bar is drawn. ``IMMUNEAGE_PROGRESS=lines`` forces lines.
+    """
+    console = [h for h in log.handlers if getattr(h, "console", False)]
+    if not console or console[0].level > logging.INFO or not verbose():
+        return False
     try:
         tty = sys.stderr.isatty()
     except (AttributeError, ValueError):
         tty = False
-    return verbose() and tty and os.environ.get("IMMUNEAGE_PROGRESS") != "lines"
+    return tty and os.environ.get("IMMUNEAGE_PROGRESS") != "lines"
 
 
 def interval() -> float:

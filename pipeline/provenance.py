@@ -72,7 +72,7 @@ def _rss_bytes() -> int:
 
 
 class ResourceMeter:
-    """Measure wall time and peak resident memory of a block.
+    """Measure wall time, CPU time (all threads of the process) and peak resident memory of a block.
 
     A background thread samples RSS every ``interval`` seconds; the process
     high-water mark (``ru_maxrss``) bounds it from above when it grew during
@@ -89,6 +89,8 @@ class ResourceMeter:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.wall_s = 0.0
+        self.cpu_s = 0.0
+        self.started = ""
         self.peak_rss_mb = 0.0
         self._peak = 0
         self._stop = threading.Event()
@@ -100,6 +102,8 @@ class ResourceMeter:
 
     def __enter__(self) -> ResourceMeter:
         self._t0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self._peak = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -111,6 +115,7 @@ class ResourceMeter:
         if self._thread is not None:
             self._thread.join()
         self.wall_s = time.perf_counter() - self._t0
+        self.cpu_s = time.process_time() - self._cpu0
         peak = max(self._peak, _rss_bytes())
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if maxrss > self._maxrss0:  # a new process high-water mark was set inside the block

@@ -27,6 +27,7 @@ Layout of an output directory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -41,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from . import __version__, keys
 from .artifacts import (
@@ -63,10 +66,85 @@ from .lock import outdir_lock
 from .preflight import ValidationReport, validate_inputs
 from .provenance import ResourceMeter, machine_info, package_versions
 from .stages import STAGES, StageContext, StageResult, StageSpec, get_stage, stage_names
+from .threads import limit_threads
 
-__all__ = ["RunSummary", "Runner", "StageStatus", "ValidationReport", "validate_inputs"]
+__all__ = [
+    "PILOT_STAGES",
+    "RunSummary",
+    "Runner",
+    "StageStatus",
+    "ValidationReport",
+    "pilot_config",
+    "validate_inputs",
+]
 
 log = logging.getLogger("immuneage")
+
+
+#: Per stage (and per-sample unit) in provenance: when and how long it ran, and on what.
+_TRACE_KEYS = ("started", "finished", "wall_s", "cpu_s", "peak_rss_mb", "host")
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
+
+
+# --------------------------------------------------------------------------- pilot runs
+#: The stages a pilot run (``immuneage run --qc-only``) runs.
+PILOT_STAGES = ("ingest", "qc")
+
+
+def pilot_config(samplesheet: Path, cfg: Config) -> tuple[Config, list[str]]:
+    """The config of a pilot run: ingest and QC only, no study design needed.
+
+    A pilot checks a new batch (one sample, one timepoint, timepoint names the
+    config does not know yet) before the design is settled. When the sheet's
+    timepoints are all levels of ``design.timepoints`` and every donor has the
+    baseline (or ``ingest.missing_baseline`` is ``warn``), the config is used as
+    is, so a later full run reuses the pilot's ingest and QC. Otherwise the
+    design becomes the sheet's timepoints in order of appearance (the first is
+    the baseline, no contrasts) and donors without a baseline are only warned
+    about; the notes say which.
+
+    Returns
+    -------
+    The config to run with, and what was changed (empty when nothing).
+    """
+    try:
+        table = pd.read_csv(samplesheet, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception:  # unreadable: validation names the problem
+        return cfg, []
+    cols = {str(c).strip().lower(): c for c in table.columns}
+    if keys.TIMEPOINT not in cols or keys.DONOR not in cols:
+        return cfg, []
+    tps = [t.strip() for t in table[cols[keys.TIMEPOINT]] if t.strip()]
+    donors = [d.strip() for d in table[cols[keys.DONOR]]]
+    levels = list(dict.fromkeys(tps))
+    notes: list[str] = []
+    design, ingest = cfg.design, cfg.ingest
+    if not levels or not set(levels) <= set(design.timepoints):
+        design = type(design).model_construct(
+            timepoints=levels, baseline=levels[0] if levels else design.baseline, contrasts=[]
+        )
+        notes.append(
+            f"pilot run: timepoints taken from the sample sheet ({', '.join(levels)}); "
+            "no contrasts (design.timepoints in the config: "
+            f"{', '.join(cfg.design.timepoints)})"
+        )
+    with_base = {
+        d
+        for d, t in zip(donors, table[cols[keys.TIMEPOINT]], strict=True)
+        if t.strip() == design.baseline
+    }
+    if ingest.missing_baseline == "error" and any(d not in with_base for d in donors):
+        ingest = ingest.model_copy(update={"missing_baseline": "warn"})
+        notes.append(
+            f"pilot run: donors without a {design.baseline!r} sample are kept "
+            "(ingest.missing_baseline: warn)"
+        )
+    if not notes:
+        return cfg, []
+    return cfg.model_copy(update={"design": design, "ingest": ingest}), notes
 
 
 # --------------------------------------------------------------------------- run summary
@@ -79,6 +157,7 @@ class RunSummary:
     outputs: list[Path] = field(default_factory=list)
     device: str = "cpu"
     wall_s: float = 0.0
+    log: Path | None = None
 
 
 @dataclass
@@ -114,6 +193,8 @@ class Runner:
         The YAML the config came from (recorded in provenance).
     argv
         The command line (recorded in provenance).
+    notes
+        Lines logged when the run starts (e.g. what a pilot run changed in the config).
     """
 
     def __init__(
@@ -124,12 +205,14 @@ class Runner:
         *,
         config_path: Path | None = None,
         argv: Sequence[str] | None = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self.samplesheet = Path(samplesheet).resolve()
         self.cfg = config
         self.outdir = Path(outdir).resolve()
         self.config_path = Path(config_path).resolve() if config_path else None
         self.argv = list(argv) if argv is not None else list(sys.argv)
+        self.notes = list(notes)
         self._created: list[Path] = []
         self._report: ValidationReport | None = None
         self._device: Any = None
@@ -165,11 +248,10 @@ class Runner:
         A :class:`RunSummary`.
         """
         t0 = time.perf_counter()
-        selected = self._select(stage, until)
+        selected = self._select(stage, until, from_stage)
         forced = set(selected) if force else set()
         if from_stage is not None:
             names = stage_names()
-            get_stage(from_stage)
             forced |= {s for s in selected if names.index(s) >= names.index(from_stage)}
         if sample is not None and not (len(selected) == 1 and get_stage(selected[0]).per_sample):
             per_sample = [s.name for s in STAGES if s.per_sample]
@@ -177,7 +259,9 @@ class Runner:
                 f"--sample works only with --stage set to a per-sample stage ({', '.join(per_sample)})"
             )
 
-        self._report = validate_inputs(self.samplesheet, self.cfg, defer_stage_warnings=True)
+        self._report = validate_inputs(
+            self.samplesheet, self.cfg, stages=selected, defer_stage_warnings=True
+        )
         if sample is not None and sample not in self._report.sheet.samples:
             raise InputError(
                 f"--sample {sample!r} is not in {self.samplesheet}; samples are: "
@@ -200,29 +284,148 @@ class Runner:
                 "writable directory (or fix its permissions / remount it read-write)"
             ) from None
         summary = RunSummary(outdir=self.outdir, device=self._device_info["resolved"])
+        current = ""
         try:
-            with outdir_lock(self.outdir, sample=sample):
-                if sample is None:
-                    for p in remove_stale_temporaries(self.outdir):
-                        log.info("removed a temporary left by an interrupted run: %s", p)
-                if stage is not None and not get_stage(stage).per_sample:
-                    # per-sample stages check their upstream units sample by sample
-                    self._upstream_inputs(get_stage(stage))
-                for name in selected:
-                    spec = get_stage(name)
-                    status, outputs = self._run_stage(spec, force=name in forced, sample=sample)
-                    if status == "ran":  # checks about this stage, issued when it runs
-                        for text in self._report.stage_warnings.get(name, ()):
-                            warnings.warn(text, ImmuneageWarning, stacklevel=2)
-                    summary.stages[name] = status
-                    summary.outputs.extend(outputs)
-                summary.wall_s = time.perf_counter() - t0
-                if sample is None:
-                    self._write_provenance(summary)
-        except InputError:
-            self._discard_created(created_outdir)
+            with outdir_lock(self.outdir, sample=sample), self._run_log(stage, sample) as logf:
+                summary.log = logf
+                try:
+                    if sample is None:
+                        for p in remove_stale_temporaries(self.outdir):
+                            log.info("removed a temporary left by an interrupted run: %s", p)
+                    if stage is not None and not get_stage(stage).per_sample:
+                        # per-sample stages check their upstream units sample by sample
+                        self._upstream_inputs(get_stage(stage))
+                    with limit_threads(self.cfg.threads):
+                        for name in selected:
+                            current = name
+                            spec = get_stage(name)
+                            status, outputs = self._run_stage(
+                                spec, force=name in forced, sample=sample
+                            )
+                            if status == "ran":  # checks about this stage, issued when it runs
+                                for text in self._report.stage_warnings.get(name, ()):
+                                    warnings.warn(text, ImmuneageWarning, stacklevel=2)
+                            summary.stages[name] = status
+                            summary.outputs.extend(outputs)
+                    current = ""
+                    summary.wall_s = time.perf_counter() - t0
+                    if sample is None:
+                        self._write_provenance(summary)
+                    log.info("finished in %.1f s", summary.wall_s, extra={"file_only": True})
+                except BaseException as exc:
+                    if not (created_outdir and not self._created):
+                        self._stopped(exc, current, summary, sample, t0)
+                    raise
+        except BaseException:
+            if created_outdir and not self._created:
+                # this run created the directory and completed nothing in it
+                shutil.rmtree(self.outdir, ignore_errors=True)
             raise
         return summary
+
+    def _stopped(
+        self,
+        exc: BaseException,
+        stage: str,
+        summary: RunSummary,
+        sample: str | None,
+        t0: float,
+    ) -> None:
+        """A run stopped by ``exc``: keep every completed stage and say how to resume.
+
+        (Nothing is kept only when this run created the output directory and
+        completed nothing in it, e.g. ``--stage`` without its upstream outputs;
+        :meth:`run` removes that directory.) Every stamped stage stays,
+        provenance records the failure, the run log gets the error, and the error
+        gets a note naming what is kept and how to resume.
+        """
+        kept = [n for n, st in summary.stages.items() if st in ("ran", "up to date")]
+        where = f" in stage {stage!r}" if stage else ""
+        if not isinstance(exc, Exception):  # Ctrl-C, SystemExit: the CLI says how to resume
+            log.info("interrupted%s (%s)", where, type(exc).__name__, extra={"file_only": True})
+            return
+        summary.wall_s = time.perf_counter() - t0
+        if stage:
+            summary.stages[stage] = "failed"
+        if sample is None and isinstance(exc, Exception):
+            with contextlib.suppress(Exception):
+                self._write_provenance(summary, failure={"stage": stage, "error": str(exc)})
+        note = (
+            f"The run stopped{where}. "
+            + (
+                f"Completed stages are kept ({', '.join(kept)}): "
+                if kept
+                else "Completed work is kept: "
+            )
+            + "fix the cause and run the same command again; what is up to date is skipped "
+            + (f"and the run resumes at {stage!r}." if stage else "and the run resumes.")
+        )
+        if not isinstance(exc, OutputWriteError):  # that message says it already
+            exc.add_note(note)
+        log.error(
+            "%s: %s",
+            type(exc).__name__,
+            exc,
+            exc_info=None if isinstance(exc, InputError) else exc,
+            extra={"file_only": True},
+        )
+        log.info("%s", note, extra={"file_only": True})
+
+    @contextlib.contextmanager
+    def _run_log(self, stage: str | None, sample: str | None) -> Iterator[Path]:
+        """Append this invocation's log to ``<outdir>/logs/<time>-<what>-<pid>.log``.
+
+        Every record of the ``immuneage`` logger at INFO and above goes to the
+        file, also with ``--quiet`` (which only quiets the terminal). One file per
+        invocation, so each Slurm task (``--stage``/``--sample``) has its own.
+        """
+        parts = [time.strftime("%Y%m%d-%H%M%S")]
+        if stage:
+            parts.append(stage)
+        if sample:
+            parts.append(sample)
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            parts.append(f"slurm{job}" + (f"_{task}" if task else ""))
+        parts.append(str(os.getpid()))
+        path = self.outdir / "logs" / ("-".join(_safe_name(p) for p in parts) + ".log")
+        path.parent.mkdir(exist_ok=True)
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
+        level = log.level
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)  # the file takes INFO even when the terminal is quiet
+            for h in log.handlers:
+                if h.level < level:
+                    h.setLevel(level)
+        log.addHandler(handler)
+        try:
+            log.info(
+                "immuneage %s on %s (pid %d): %s",
+                __version__,
+                machine_info()["host"],
+                os.getpid(),
+                " ".join(self.argv),
+                extra={"file_only": True},
+            )
+            log.info(
+                "sample sheet %s; config %s; device %s",
+                self.samplesheet,
+                self.config_path or "(built-in defaults)",
+                self._device_info.get("resolved"),
+                extra={"file_only": True},
+            )
+            for note in self.notes:
+                log.info("%s", note)
+            yield path
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+            log.setLevel(level)
 
     def stage_status(self) -> dict[str, StageStatus]:
         """Which stages (and per-sample units) a run would skip; reads only, writes nothing.
@@ -245,7 +448,7 @@ class Runner:
                 files = self._config_file_inputs(spec)
                 ok = all(out[n].up_to_date for n in spec.inputs)
                 if ok:
-                    inputs = {**self._upstream_inputs(spec), **files}
+                    inputs = {**self._upstream_inputs(spec), **files, **self._sheet_inputs(spec)}
                     ok = self._is_current(
                         Stamp(spec.name, None, __version__, inputs, cfg), self._artifact(spec)
                     )
@@ -269,18 +472,26 @@ class Runner:
         return out
 
     # ------------------------------------------------------------------ helpers
-    def _select(self, stage: str | None, until: str | None) -> list[str]:
+    def _select(self, stage: str | None, until: str | None, from_stage: str | None) -> list[str]:
         names = stage_names()
-        for n in (stage, until):
+        for n in (stage, until, from_stage):
             if n is not None and n not in names:
                 raise InputError(f"unknown stage {n!r}; stages are: {', '.join(names)}")
         if stage is not None and until is not None:
             raise InputError("give either --stage or --until, not both")
         if stage is not None:
-            return [stage]
-        if until is not None:
-            return names[: names.index(until) + 1]
-        return names
+            selected = [stage]
+        elif until is not None:
+            selected = names[: names.index(until) + 1]
+        else:
+            selected = names
+        if from_stage is not None and names.index(from_stage) > names.index(selected[-1]):
+            flag = f"--stage {stage}" if stage is not None else f"--until {until}"
+            raise InputError(
+                f"--from {from_stage} comes after {flag}: nothing would re-run; use --from "
+                f"{selected[-1]} or an earlier stage, or raise --until"
+            )
+        return selected
 
     def _resolve_device(self) -> None:
         from .kernels._device import resolve_device
@@ -295,14 +506,6 @@ class Runner:
         self._device_info = info
         log.info("device: %s (config device: %s)", dev.type, self.cfg.device)
 
-    def _discard_created(self, created_outdir: bool) -> None:
-        if created_outdir:
-            shutil.rmtree(self.outdir, ignore_errors=True)
-            return
-        for p in reversed(self._created):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-
     def _track(self, paths: list[Path], existed: set[Path]) -> None:
         self._created.extend(p for p in paths if p not in existed)
 
@@ -316,7 +519,12 @@ class Runner:
             warnings.filterwarnings("ignore", category=FutureWarning)
             yield messages
         for w in caught:
-            text = f"{where}: {w.message}"
+            message = str(w.message)
+            stage = where.split(" ", 1)[0]
+            # one prefix: messages that already name the stage keep their own
+            text = (
+                message if message.startswith((f"{where}:", f"{stage}:")) else f"{where}: {message}"
+            )
             if text not in messages:
                 messages.append(text)
                 log.warning("%s", text)
@@ -424,7 +632,9 @@ class Runner:
                 written.append(final)
         expected.record_outputs(self.outdir, written)
         expected.info = {
+            "started": meter.started,
             "wall_s": round(meter.wall_s, 3),
+            "cpu_s": round(meter.cpu_s, 3),
             "peak_rss_mb": round(meter.peak_rss_mb, 1),
             "device": self._device_info,
             "warnings": messages,
@@ -481,11 +691,12 @@ class Runner:
         else:
             hashes = [path_sha256(lib.path) for lib in libs]
         self._signatures[row.sample] = sig
+        # extra sheet columns (age, sex, ...) are not read here: stages that read one
+        # get it joined in (see _sheet_frame), so adding a column re-runs only them
         row_json: dict[str, Any] = {
             "sample": row.sample,
             "donor": row.donor,
             "timepoint": row.timepoint,
-            "extra": row.extra,
         }
         if any(lib.library or lib.counts_layer or lib.symbol_column for lib in libs):
             # sheet options change what is read; absent, the record is as it always was
@@ -518,7 +729,7 @@ class Runner:
 
                 def compute(row: Any = row) -> StageResult:
                     if not spec.inputs:
-                        out = sample_func(row, self.cfg)
+                        out = sample_func(dataclasses.replace(row, extra={}), self.cfg)
                     else:
                         ups = [
                             read_h5ad_artifact(self._unit_artifact(get_stage(n), row.sample))
@@ -576,9 +787,58 @@ class Runner:
             out[f"config_file:{dotted}"] = path_sha256(path)
         return out
 
+    def _sheet_columns(self, spec: StageSpec) -> list[str]:
+        """The sheet's extra columns the stage reads (``StageSpec.sheet_columns``)."""
+        assert self._report is not None
+        extra = self._report.sheet.extra_columns
+        if "*" in spec.sheet_columns:
+            return list(extra)
+        named: list[str] = []
+        for dotted in spec.sheet_columns:
+            value: Any = self.cfg
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            for v in [value] if isinstance(value, str) else list(value or []):
+                if v in extra and v not in named:
+                    named.append(v)
+        return [c for c in extra if c in named]
+
+    def _sheet_frame(self, spec: StageSpec) -> Any:
+        """The extra sheet columns the stage reads, typed, one row per sample."""
+        assert self._report is not None
+        return self._report.sheet.metadata(self._sheet_columns(spec))
+
+    def _sheet_inputs(self, spec: StageSpec) -> dict[str, str]:
+        """The stamp input for the sheet columns the stage reads (none: no entry)."""
+        frame = self._sheet_frame(spec)
+        if frame.shape[1] == 0:
+            return {}
+        return {"sheet_columns": _sha(frame.astype(object).where(frame.notna(), None).to_dict())}
+
+    @staticmethod
+    def _join_sheet(adata: Any, frame: Any) -> None:
+        """Add the sheet columns to ``obs`` by ``obs["sample"]`` (typed, blanks missing)."""
+        if frame.shape[1] == 0:
+            return
+        samples = adata.obs[keys.SAMPLE].astype(str).to_numpy()
+        for column in frame.columns:
+            values = frame[column]
+            mapped = values.reindex(samples)
+            if isinstance(values.dtype, pd.CategoricalDtype):
+                mapped = pd.Categorical(mapped.astype(object), categories=values.cat.categories)
+            else:
+                mapped = mapped.to_numpy()
+            adata.obs[column] = mapped
+            if isinstance(values.dtype, pd.CategoricalDtype):
+                adata.obs[column] = adata.obs[column].cat.remove_unused_categories()
+
     def _run_cohort(self, spec: StageSpec, *, force: bool) -> tuple[str, list[Path]]:
         artifact = self._artifact(spec)
-        inputs = {**self._upstream_inputs(spec), **self._config_file_inputs(spec)}
+        inputs = {
+            **self._upstream_inputs(spec),
+            **self._config_file_inputs(spec),
+            **self._sheet_inputs(spec),
+        }
         expected = Stamp(
             spec.name, None, __version__, inputs, section_digest(self.cfg, *spec.sections)
         )
@@ -590,6 +850,8 @@ class Runner:
 
         def compute() -> StageResult:
             upstream = [self._read(self._artifact(get_stage(n)), opened) for n in spec.inputs]
+            if upstream:
+                self._join_sheet(upstream[0], self._sheet_frame(spec))
             kwargs: dict[str, Any] = {"device": self._device}
             if spec.context:
                 before = read_stamp(stamp_path(artifact))
@@ -623,8 +885,10 @@ class Runner:
             opened.clear()
 
     # ------------------------------------------------------------------ provenance
-    def _write_provenance(self, summary: RunSummary) -> None:
+    def _write_provenance(self, summary: RunSummary, failure: dict[str, str] | None = None) -> None:
         prov = self._provenance(summary)
+        if failure is not None:
+            prov["failed"] = failure
         path = self.outdir / "provenance.json"
         existed = path.exists()
         write_json_atomic(path, prov)
@@ -639,13 +903,26 @@ class Runner:
         stages: dict[str, Any] = {}
         all_warnings: list[str] = list(self._report.warnings)
         all_warnings += [w for ws in self._report.stage_warnings.values() for w in ws]
+        trace: list[dict[str, Any]] = []
+
+        def traced(stage: str, sample: str | None, st: Stamp) -> None:
+            dev = st.info.get("device") or {}
+            trace.append(
+                {
+                    "stage": stage,
+                    "sample": sample,
+                    **{k: st.info.get(k) for k in _TRACE_KEYS},
+                    "device": dev.get("resolved") if isinstance(dev, dict) else dev,
+                }
+            )
+
         for spec in STAGES:
             st = read_stamp(stamp_path(self._artifact(spec)))
             if st is None:
                 continue
             entry: dict[str, Any] = {
                 "status": ran.get(spec.name, "not run in this invocation"),
-                **{k: st.info.get(k) for k in ("wall_s", "peak_rss_mb", "finished", "host")},
+                **{k: st.info.get(k) for k in _TRACE_KEYS},
                 "outputs": st.outputs,
                 "config_digest": st.config,
             }
@@ -656,11 +933,11 @@ class Runner:
                 for row in self._report.sheet.rows:
                     ust = read_stamp(stamp_path(self._unit_artifact(spec, row.sample)))
                     if ust is not None:
-                        units[row.sample] = {
-                            k: ust.info.get(k) for k in ("wall_s", "peak_rss_mb", "host")
-                        }
+                        units[row.sample] = {k: ust.info.get(k) for k in _TRACE_KEYS}
                         all_warnings += ust.info.get("warnings", [])
+                        traced(spec.name, row.sample, ust)
                 entry["units"] = units
+            traced(spec.name, None, st)
             all_warnings += st.info.get("warnings", [])
             stages[spec.name] = entry
         inputs = []
@@ -706,6 +983,7 @@ class Runner:
             "samplesheet": {"path": str(self.samplesheet), "sha256": path_sha256(self.samplesheet)},
             "inputs": inputs,
             "stages": stages,
+            "trace": trace,
             "warnings": list(dict.fromkeys(all_warnings)),
             "packages": package_versions(),
             "machine": machine_info(),

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..threads import THREAD_ENV
 from .graph import JobGroup
 from .profile import Resources
 
@@ -38,7 +39,7 @@ __all__ = [
 MARKER = "[immuneage-slurm]"
 
 #: Thread pools capped to the task's CPUs (so a job never oversubscribes its node).
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+THREAD_VARS = THREAD_ENV
 
 
 @dataclass(frozen=True)

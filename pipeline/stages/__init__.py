@@ -28,13 +28,18 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         name="qc",
-        summary="per-sample QC metrics, adaptive/fixed outlier filters, scrublet doublets",
+        summary="per-sample QC metrics, adaptive/fixed outlier filters, scrublet doublets; qc_report.html",
         module="pipeline.stages.qc",
         sample_func="qc_sample",
         func="merge_qc",
         inputs=("ingest",),
         sections=("seed", "backend", "qc"),
-        outputs=("qc/samples/<sample>.h5ad", "qc/qc.h5ad", "tables/qc_per_sample.tsv"),
+        outputs=(
+            "qc/samples/<sample>.h5ad",
+            "qc/qc.h5ad",
+            "tables/qc_per_sample.tsv",
+            "qc_report.html",
+        ),
     ),
     StageSpec(
         name="preprocess",
@@ -43,6 +48,7 @@ STAGES: tuple[StageSpec, ...] = (
         func="run_preprocess",
         inputs=("ingest", "qc"),
         sections=("seed", "backend", "backed", "preprocess"),
+        sheet_columns=("preprocess.hvg_batch_key",),
         outputs=("preprocess/preprocess.h5ad", "tables/hvg.tsv"),
     ),
     StageSpec(
@@ -52,6 +58,11 @@ STAGES: tuple[StageSpec, ...] = (
         func="run_integrate",
         inputs=("preprocess",),
         sections=("seed", "integrate"),
+        sheet_columns=(
+            "integrate.batch_key",
+            "integrate.categorical_covariates",
+            "integrate.continuous_covariates",
+        ),
         context=True,
         outputs=(
             "integrate/integrate.h5ad",
@@ -124,6 +135,7 @@ STAGES: tuple[StageSpec, ...] = (
         func="run_report",
         inputs=("score", "differential"),
         sections=("report",),
+        sheet_columns=("*",),
         context=True,
         artifact="immuneage.h5ad",
         standalone=True,

@@ -52,6 +52,13 @@ class StageSpec:
     artifact
         Where the stage's AnnData goes, relative to the output directory
         (default ``<name>/<name>.h5ad``).
+    sheet_columns
+        Dotted config keys naming ``obs`` columns the stage reads (e.g.
+        ``integrate.batch_key``), or ``"*"`` for all. The sample sheet's extra
+        columns (``age``, ``sex``, ...) among them are joined to ``obs`` by sample
+        (typed: numbers numeric, blanks missing) before the stage runs, and their
+        values join the stamp; extra columns a stage does not read never re-run
+        it. Ingest stores none of them.
     standalone
         The artifact holds every matrix itself, even in ``backed`` mode, where
         other artifacts link to the file the matrices were first written to
@@ -76,6 +83,7 @@ class StageSpec:
     artifact: str | None = None
     check: str | None = None
     standalone: bool = False
+    sheet_columns: tuple[str, ...] = ()
 
     @property
     def per_sample(self) -> bool:

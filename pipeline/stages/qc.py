@@ -30,6 +30,7 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -646,4 +647,18 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
             "dropped_samples": [s for s, v in per_sample.items() if v["dropped"]],
         }
     }
-    return StageResult(merged, {"qc_per_sample": table})
+    return StageResult(
+        merged,
+        {"qc_per_sample": table},
+        files={"qc_report.html": lambda path: _write_qc_report(path, table, merged.obs, cfg)},
+    )
+
+
+def _write_qc_report(path: Any, table: pd.DataFrame, obs: pd.DataFrame, cfg: Config) -> None:
+    """``qc_report.html``: the QC table and figures, before any later stage runs."""
+    from ..progress import step
+    from ..report.qc import qc_report_html
+
+    with step("QC report"):
+        text = qc_report_html(table, obs, timepoints=cfg.design.timepoints, seed=cfg.seed)
+    Path(path).write_text(text, encoding="utf-8")
