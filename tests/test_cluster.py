@@ -108,3 +108,56 @@ def test_approximate_neighbours_path() -> None:
     # the four blobs are recovered
     sc.tl.leiden(a, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     assert a.obs["leiden"].nunique() >= 4
+
+
+def test_context_reuses_graph_and_umap_when_only_resolutions_change(
+    preprocessed: ad.AnnData, clustered: ad.AnnData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the runner's context: same graph key -> Leiden only, on the previous graph."""
+    import scanpy as sc
+
+    from pipeline.stages import StageContext, StageResult
+    from pipeline.stages.cluster import graph_key, umap_key
+
+    stage_dir = tmp_path / "cluster"
+    stage_dir.mkdir()
+    cfg = load_config(None)
+    info = clustered.uns["immuneage"]["cluster"]
+    assert info["graph_key"] == graph_key(preprocessed, cfg, rep="X_pca", backend="scanpy")
+    assert info["umap_key"] == umap_key(info["graph_key"], cfg)
+    previous = {"graph_key": info["graph_key"], "umap_key": info["umap_key"]}
+    write_h5ad_atomic(stage_dir / "cluster.h5ad", clustered)
+
+    def context() -> StageContext:
+        return StageContext(tmp_path, {}, stage_dir=stage_dir, previous=previous)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("recomputed")
+
+    monkeypatch.setattr(sc.pp, "neighbors", fail)
+    monkeypatch.setattr(sc.tl, "umap", fail)
+    more = load_config(None, {"cluster": {"resolutions": [0.5, 1.0, 2.0], "resolution": 2.0}})
+    res = run_cluster(preprocessed.copy(), more, device=CPU, context=context())
+    assert isinstance(res, StageResult)
+    assert res.provenance == {**previous, "graph": "reused", "umap": "reused"}
+    out = res.adata
+    for key in ("connectivities", "distances"):
+        assert (out.obsp[key] != clustered.obsp[key]).nnz == 0
+    np.testing.assert_array_equal(out.obsm["X_umap"], clustered.obsm["X_umap"])
+    for col in ("leiden_0.5", "leiden_1.0"):
+        assert (out.obs[col] == clustered.obs[col]).all()
+    assert (out.obs["leiden"] == out.obs["leiden_2.0"]).all()
+    assert out.obs["leiden_2.0"].nunique() >= out.obs["leiden_1.0"].nunique()
+
+    # another latent (or k, seed, backend) is another graph
+    other = preprocessed.copy()
+    other.obsm["X_pca"] = other.obsm["X_pca"] * 2
+    assert graph_key(other, cfg, rep="X_pca", backend="scanpy") != info["graph_key"]
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        run_cluster(other, cfg, device=CPU, context=context())
+    # an artifact another graph went into (a run killed before its stamp) is not reused
+    tampered = clustered.copy()
+    tampered.uns["immuneage"]["cluster"]["graph_key"] = "another"
+    write_h5ad_atomic(stage_dir / "cluster.h5ad", tampered)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        run_cluster(preprocessed.copy(), cfg, device=CPU, context=context())

@@ -215,3 +215,59 @@ def test_accelerator_mapping() -> None:
     assert scvi_accelerator(torch.device("cpu")) == ("cpu", 1)
     assert scvi_accelerator("cuda") == ("gpu", 1)
     assert scvi_accelerator(torch.device("cuda", 1)) == ("gpu", [1])
+
+
+def test_context_reuses_the_model_when_only_metrics_keys_change(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the runner's context: same training key -> no training, same files and latent."""
+    import shutil
+
+    import pipeline.stages.integrate as stage
+    from pipeline.artifacts import write_h5ad_atomic
+    from pipeline.stages import StageContext
+
+    stage_dir = tmp_path / "integrate"
+    stage_dir.mkdir()
+
+    def context(previous: dict) -> StageContext:
+        return StageContext(
+            tmp_path, {}, stage_dir=stage_dir, inputs={"preprocess": "d1"}, previous=previous
+        )
+
+    def write(res, target: Path = stage_dir / "scvi_model") -> dict[str, bytes]:
+        """As the runner does: the artifact, then the model directory."""
+        write_h5ad_atomic(stage_dir / "integrate.h5ad", res.adata)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        res.dirs["scvi_model"](target)
+        return {p.name: p.read_bytes() for p in sorted(target.iterdir())}
+
+    first = run_integrate(tiny, _cfg(**TINY), device="cpu", context=context({}))
+    assert first.provenance["model"] == "trained"
+    key = first.provenance["training_key"]
+    assert first.adata.uns[keys.UNS]["integrate"]["training_key"] == key
+    files = write(first)
+
+    monkeypatch.setattr(stage, "train_scvi", lambda *a, **k: pytest.fail("trained again"))
+    metrics_only = _cfg(metrics_max_cells=150, **TINY)
+    second = run_integrate(tiny, metrics_only, device="cpu", context=context(first.provenance))
+    assert second.provenance == {"model": "reused", "training_key": key}
+    np.testing.assert_array_equal(second.adata.obsm[keys.X_SCVI], first.adata.obsm[keys.X_SCVI])
+    assert second.adata.uns[keys.UNS]["integrate"] == first.adata.uns[keys.UNS]["integrate"]
+    pd.testing.assert_frame_equal(second.tables["scvi_history"], first.tables["scvi_history"])
+    assert write(second, tmp_path / "again") == files  # the model files, byte for byte
+
+    # what training depends on: other upstream inputs, seed or a training key -> train
+    assert stage.training_key(metrics_only, {"preprocess": "d1"}, accelerator="cpu") == key
+    assert stage.training_key(metrics_only, {"preprocess": "d2"}, accelerator="cpu") != key
+    assert stage.training_key(metrics_only, {"preprocess": "d1"}, accelerator="gpu") != key
+    for changed in (_cfg(**{**TINY, "n_latent": 3}), _cfg(learning_rate=0.01, **TINY)):
+        assert stage.training_key(changed, {"preprocess": "d1"}, accelerator="cpu") != key
+
+    # an artifact another training wrote (a run killed before its stamp) is not reused
+    tampered = first.adata.copy()
+    tampered.uns[keys.UNS]["integrate"]["training_key"] = "another"
+    write_h5ad_atomic(stage_dir / "integrate.h5ad", tampered)
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        run_integrate(tiny, metrics_only, device="cpu", context=context(first.provenance))

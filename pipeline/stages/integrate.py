@@ -114,7 +114,6 @@ _NOISE = (
     r".*num_workers.*",
     r".*GPU available but not used.*",
     r".*Trying to infer the `batch_size`.*",
-    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
 
 
