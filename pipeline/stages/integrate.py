@@ -440,9 +440,10 @@ def _previous_training(
 ) -> _Previous | None:
     """The previous run's latent, run facts and model files when its training key is ``key``.
 
-    ``None`` (and a DEBUG line saying why) when there is no context, the key
-    differs, or the model directory or the artifact is missing or does not
-    belong to that training (e.g. a run killed between writing them).
+    ``None`` when there is no context or the key differs, and (with a log line
+    saying why) when the model directory or the artifact is missing, unreadable,
+    or belongs to another training or other cells (e.g. a run killed between
+    writing the artifact and its stamp).
     """
     import h5py
 
