@@ -27,7 +27,7 @@ from pipeline.report import figures as F
 from pipeline.report.render import marker_expression
 from pipeline.stages import StageContext
 from pipeline.stages.differential import MEANS_COLUMNS
-from pipeline.stages.report import run_report
+from pipeline.stages.report import remove_unused_categories, run_report, scanpy_ready
 
 CELL_TYPES = ("CD14 monocyte", "NK", "CD8 memory T", "B naive")
 SIGNATURES = ("tbk1_sting", "ifn_type1", "nfkb_inflammation")
@@ -458,6 +458,12 @@ def stage_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     out = tmp / "out"
     adata, prov = write_synthetic_run(out)
+    # what the score stage hands over on a real run: a panel type no cell has, its palette
+    ct = adata.obs[keys.CELL_TYPE].cat.add_categories(["NK CD56bright"])
+    adata.obs[keys.CELL_TYPE] = ct.cat.reorder_categories(["NK CD56bright", *CELL_TYPES])
+    adata.uns["cell_type_colors"] = np.array(
+        ["#000000", "#111111", "#222222", "#333333", "#444444"]
+    )
     pb = ad.AnnData(obs=pd.DataFrame(index=[f"pb{i}" for i in range(7)]))
     cfg = load_config(None, {"report": {"title": "My cohort", "dpi": 60}})
     with warnings.catch_warnings():
@@ -546,3 +552,122 @@ def test_run_report_stage_returns_files_and_final_adata(stage_run):
     # the final AnnData keeps the scverse layout
     assert {keys.X_UMAP, keys.X_SCVI} <= set(res.adata.obsm) and keys.COUNTS in res.adata.layers
     json.dumps(info)  # JSON-able, so h5ad can store it
+    # ... and scanpy takes it as it is: the empty type is gone, its colour with it
+    final = res.adata
+    assert info["removed_categories"] == {"obs": {keys.CELL_TYPE: ["NK CD56bright"]}}
+    assert list(final.obs[keys.CELL_TYPE].cat.categories) == list(CELL_TYPES)
+    assert list(final.uns["cell_type_colors"]) == ["#111111", "#222222", "#333333", "#444444"]
+    assert final.uns["log1p"] == {"base": None}
+    assert "NK CD56bright" not in html
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
+def test_final_adata_round_trips_and_scanpy_takes_it(stage_run, tmp_path):
+    import scanpy as sc
+
+    from pipeline.artifacts import write_h5ad_atomic
+
+    res, _, _ = stage_run
+    write_h5ad_atomic(tmp_path / "immuneage.h5ad", res.adata, link=False)
+    a = ad.read_h5ad(tmp_path / "immuneage.h5ad")
+    assert a.uns["log1p"] == {"base": None}
+    assert a.uns["immuneage"]["report"]["removed_categories"]["obs"][keys.CELL_TYPE] == [
+        "NK CD56bright"
+    ]
+    sc.tl.rank_genes_groups(a, keys.CELL_TYPE, method="wilcoxon")
+    top = pd.DataFrame(a.uns["rank_genes_groups"]["names"]).iloc[0]
+    assert set(top.index) == set(CELL_TYPES)
+    assert set(top) <= set(MARKERS)  # each type's planted marker block comes first
+    sc.pl.umap(a, color=["score_ifn_type1", keys.CELL_TYPE], show=False)
+    assert len(a.uns["cell_type_colors"]) == len(CELL_TYPES)
+
+
+def _with_categories(values: list, categories: list, **kw) -> pd.Categorical:
+    return pd.Categorical(values, categories=categories, **kw)
+
+
+def test_remove_unused_categories_on_obs_var_and_their_colours():
+    obs = pd.DataFrame(
+        {
+            "cell_type": _with_categories(["T", "B", "T", None], ["NK", "T", "B", "pDC"]),
+            "timepoint": _with_categories(
+                ["base", "base", "late", "late"], ["base", "acute", "late"], ordered=True
+            ),
+            "sample": _with_categories(["s1", "s1", "s2", "s2"], ["s1", "s2"]),
+            "donor": _with_categories(["d1"] * 4, ["d1", "d2"]),
+            "score": [0.1, 0.2, 0.3, 0.4],
+        },
+        index=[f"c{i}" for i in range(4)],
+    )
+    var = pd.DataFrame({"chrom": _with_categories(["1", "X"], ["1", "2", "X"])}, index=["G1", "G2"])
+    a = ad.AnnData(np.zeros((4, 2), np.float32), obs=obs, var=var)
+    a.uns["cell_type_colors"] = np.array(["#a", "#b", "#c", "#d"])  # one per old category
+    a.uns["sample_colors"] = np.array(["#a", "#b", "#c"])  # already wrong: dropped
+    a.uns["donor_colors"] = ["#a"]  # already matches the kept category: kept
+    removed = remove_unused_categories(a)
+    assert removed == {
+        "obs": {"cell_type": ["NK", "pDC"], "timepoint": ["acute"], "donor": ["d2"]},
+        "var": {"chrom": ["2"]},
+    }
+    assert list(a.obs["cell_type"].cat.categories) == ["T", "B"]
+    assert a.obs["cell_type"].isna().sum() == 1  # missing values stay missing
+    tp = a.obs["timepoint"]
+    assert list(tp.cat.categories) == ["base", "late"] and tp.cat.ordered
+    assert list(a.obs["sample"].cat.categories) == ["s1", "s2"]
+    assert list(a.var["chrom"].cat.categories) == ["1", "X"]
+    assert list(a.uns["cell_type_colors"]) == ["#b", "#c"]
+    assert "sample_colors" not in a.uns
+    assert list(a.uns["donor_colors"]) == ["#a"]
+    assert (a.obs["score"] == [0.1, 0.2, 0.3, 0.4]).all()
+    assert remove_unused_categories(a) == {}  # idempotent
+
+
+def test_scanpy_ready_adds_log1p_and_drops_a_dangling_graph():
+    a = ad.AnnData(np.zeros((3, 2), np.float32))
+    a.var["highly_variable"] = pd.Series([1.0, np.nan], index=a.var_names)
+    a.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances"}
+    done = scanpy_ready(a)
+    assert done == {"removed_categories": {}, "fixed": ["log1p", "highly_variable", "neighbors"]}
+    assert a.uns["log1p"] == {"base": None} and "neighbors" not in a.uns
+    assert a.var["highly_variable"].dtype == bool and list(a.var["highly_variable"]) == [
+        True,
+        False,
+    ]
+    # nothing to do on a consistent object; an existing log1p base is kept
+    b = ad.AnnData(np.zeros((3, 2), np.float32), uns={"log1p": {"base": 2}})
+    b.obsp["connectivities"] = sp.csr_matrix((3, 3))
+    b.obsp["distances"] = sp.csr_matrix((3, 3))
+    b.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances"}
+    assert scanpy_ready(b) == {"removed_categories": {}, "fixed": []}
+    assert b.uns["log1p"] == {"base": 2} and "neighbors" in b.uns
+
+
+def test_report_figures_report_progress(tmp_path, monkeypatch):
+    import logging
+
+    adata, prov = write_synthetic_run(tmp_path, only=UPSTREAM_TABLES)
+    monkeypatch.setenv("IMMUNEAGE_PROGRESS_INTERVAL", "0")  # a plain line per figure
+    monkeypatch.setenv("IMMUNEAGE_PROGRESS", "lines")
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("immuneage")
+    handler, level = Keep(logging.INFO), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        cfg = load_config(None, {"report": {"dpi": 50}})
+        rep = build_report(adata, read_tables(tmp_path / "tables"), prov, cfg)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    n = len(rep.figures)
+    said = [m for m in lines if m.startswith("report: figures:")]
+    assert len(said) == n, lines
+    assert said[0].startswith(f"report: figures: figure 1/{n} (")
+    assert said[-1].startswith(f"report: figures: figure {n}/{n} (100%)")
+    # the figures are the same, in the same order, as the HTML names them
+    assert _figure_names(rep.html) == list(rep.figures)

@@ -514,28 +514,45 @@ class RenderedReport:
 
 
 class _Figures:
-    """Draws, encodes and closes figures, attaching each to a section as a block."""
+    """Collects the figures of the report, then draws, encodes and closes them in one pass.
+
+    :meth:`add` reserves the figure's place (a block of its section) and its file
+    name; :meth:`draw` draws every figure in the order added, with progress
+    (:func:`pipeline.progress.progress`: a bar on a terminal, a plain line now
+    and then otherwise, nothing with ``--quiet``), so the total is known.
+    """
 
     def __init__(self, fmt: str, dpi: int) -> None:
         self.fmt, self.dpi = fmt, dpi
         self.files: dict[str, bytes] = {}
+        self._pending: list[tuple[str, Callable[[], Figure], dict[str, Any]]] = []
+        self._names: set[str] = set()
 
     def add(self, section: _Section, name: str, caption: str, draw: Callable[[], Figure]) -> None:
-        fig = draw()
-        data = encode_figure(fig, self.fmt, self.dpi)
+        """Reserve a figure: ``draw`` runs in :meth:`draw` (it must not depend on later state)."""
         fname = f"{_slug(name)}.{self.fmt}"
         i = 2
-        while fname in self.files:
+        while fname in self._names:
             fname = f"{_slug(name)}_{i}.{self.fmt}"
             i += 1
-        self.files[fname] = data
+        self._names.add(fname)
         block: dict[str, Any] = {"type": "figure", "name": fname, "caption": caption}
-        if self.fmt == "png":
-            block["src"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        else:
-            svg = data.decode("utf-8")
-            block["svg"] = svg[svg.index("<svg") :]
         section.blocks.append(block)
+        self._pending.append((fname, draw, block))
+
+    def draw(self) -> None:
+        """Draw and encode every reserved figure, in the order added."""
+        from ..progress import progress
+
+        pending, self._pending = self._pending, []
+        for fname, draw, block in progress(pending, desc="report: figures", unit="figure"):
+            data = encode_figure(draw(), self.fmt, self.dpi)
+            self.files[fname] = data
+            if self.fmt == "png":
+                block["src"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+            else:
+                svg = data.decode("utf-8")
+                block["svg"] = svg[svg.index("<svg") :]
 
 
 def skipped_signatures_note(coverage: pd.DataFrame) -> str | None:
@@ -1092,6 +1109,7 @@ def build_report(
     else:
         s.note("No warnings were raised during the run.")
 
+    figs.draw()
     findings = key_findings(tables, q_threshold=thr, max_findings=rc.max_findings)
     html_text = _render(
         title=rc.title,
