@@ -106,7 +106,7 @@ def test_single_sample_refused_for_a_whole_run_passes_a_pilot(tmp_path):
         "differential.min_donors is 3",
         "acute vs baseline: 0 donors",
         "--until score",
-        "--until qc",
+        "--qc-only",
         run=True,
         tmp=tmp_path,
     )

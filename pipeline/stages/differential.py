@@ -868,8 +868,8 @@ def check_config(cfg: Config, sheet: Any) -> None:
             f"differential.min_donors is {dcfg.min_donors}. Add samples so that at least "
             f"{dcfg.min_donors} donors have both timepoints of a contrast (check the sheet's "
             "donor and timepoint columns and design.contrasts), lower differential.min_donors "
-            "(at least 2), or run the stages before the donor-level tests only: "
-            "--until score (or --until annotate), or --until qc for a QC-only pilot run"
+            "(at least 2), or run only the stages before the donor-level tests: "
+            "--until score (or --until annotate), or a QC-only pilot run: --qc-only"
         )
     if dcfg.covariates is None and dcfg.covariate_columns is not None:
         raise InputError(

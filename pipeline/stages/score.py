@@ -367,12 +367,16 @@ def check_genes(cfg: Config, genes: Iterable[str], *, where: str) -> list[str]:
     """
     scfg = cfg.score
     defined = sets_from_config(scfg.genesets, scfg.gmt, scfg.custom)
+    resolved = resolve_sets(defined, pd.Index(list(genes)))
     try:
-        sets, text = _small_sets(resolve_sets(defined, pd.Index(list(genes))), scfg, where=where)
+        sets, text = _small_sets(resolved, scfg, where=where)
     except InputError as exc:
         raise InputError(f"score: {exc}") from None
     if not sets:
-        raise _nothing_scorable(scfg, where, f" ({text})" if text else "")
+        found = ", ".join(
+            f"{n} {len(r.found)} of {len(r.geneset.genes)}" for n, r in resolved.items()
+        )
+        raise _nothing_scorable(scfg, where, f" (genes found per set: {found})")
     return [] if text is None else [f"score: {text}"]
 
 
