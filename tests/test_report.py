@@ -665,9 +665,9 @@ def test_report_figures_report_progress(tmp_path, monkeypatch):
         log.removeHandler(handler)
         log.setLevel(level)
     n = len(rep.figures)
-    said = [m for m in lines if m.startswith("report: figures:")]
+    said = [m for m in lines if m.startswith("report figures:")]
     assert len(said) == n, lines
-    assert said[0].startswith(f"report: figures: figure 1/{n} (")
-    assert said[-1].startswith(f"report: figures: figure {n}/{n} (100%)")
+    assert said[0].startswith(f"report figures: figure 1/{n} (")
+    assert said[-1].startswith(f"report figures: figure {n}/{n} (100%)")
     # the figures are the same, in the same order, as the HTML names them
     assert _figure_names(rep.html) == list(rep.figures)

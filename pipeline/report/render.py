@@ -545,7 +545,7 @@ class _Figures:
         from ..progress import progress
 
         pending, self._pending = self._pending, []
-        for fname, draw, block in progress(pending, desc="report: figures", unit="figure"):
+        for fname, draw, block in progress(pending, desc="report figures", unit="figure"):
             data = encode_figure(draw(), self.fmt, self.dpi)
             self.files[fname] = data
             if self.fmt == "png":
