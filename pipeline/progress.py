@@ -162,7 +162,9 @@ def lightning_callback(desc: str, max_epochs: int) -> Any:
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             metrics = trainer.callback_metrics
-            name = "train_loss_epoch" if "train_loss_epoch" in metrics else None
+            name = next(
+                (k for k in ("train_loss_epoch", "train_loss", "elbo_train") if k in metrics), None
+            )
             if name is None:
                 name = next((k for k in metrics if "loss" in k), None)
             detail = ""

@@ -860,7 +860,12 @@ class Runner:
                     self._provenance(summary=None),
                     stage_dir=artifact.parent,
                     inputs=dict(inputs),
-                    previous=dict(before.info.get("details") or {}) if before is not None else {},
+                    # --force recomputes everything, reusable parts included
+                    previous=(
+                        dict(before.info.get("details") or {})
+                        if before is not None and not force
+                        else {}
+                    ),
                 )
             out = func(*upstream, self.cfg, **kwargs)
             return out if isinstance(out, StageResult) else StageResult(out)

@@ -47,11 +47,11 @@ def test_stages_lists_only_what_exists(capsys):
 
 def test_run_and_validate(cohort, tmp_path):
     before = tree_checksums(cohort.parent)
-    r = _cli("validate", "--samplesheet", str(cohort))
+    config = str(cohort.parent / "config.yaml")
+    r = _cli("validate", "--samplesheet", str(cohort), "--config", config)
     assert r.returncode == 0, r.stderr
     assert "OK: 9 samples, 3 donors" in r.stdout
     out = tmp_path / "out"
-    config = str(cohort.parent / "config.yaml")
     r = _cli("run", "--samplesheet", str(cohort), "--config", config, "--outdir", str(out))
     assert r.returncode == 0, r.stderr
     assert f"outputs in {out}" in r.stdout

@@ -88,17 +88,27 @@ def test_rerun_skips_and_changes_rerun_only_what_changed(cohort, tmp_path):
     os.utime(src, ns=(time.time_ns(), time.time_ns()))
     assert _run(cohort, out).stages == CURRENT
 
-    # changing one sample's metadata re-runs that sample and the merge only
+    # a sheet column only the report reads (age): only the report re-runs, and its
+    # final AnnData has the new value, numeric
     unit = out / "ingest" / "samples"
     before = {s: (unit / f"{s}.h5ad").stat().st_mtime_ns for s in SAMPLES}
     sheet = pd.read_csv(cohort, dtype=str)
     sheet.loc[sheet["sample"] == "D2_acute", "age"] = "99"
     sheet.to_csv(cohort, index=False)
+    assert _run(cohort, out).stages == {**CURRENT, "report": "ran"}
+    final = ad.read_h5ad(out / "immuneage.h5ad")
+    assert final.obs["age"].dtype == np.int64
+    assert set(final.obs.loc[final.obs["sample"] == "D2_acute", "age"]) == {99}
+
+    # changing one sample's counts re-runs that sample's unit, the merge and what follows
+    src = cohort.parent / "data" / "D2_baseline.h5ad"
+    a = ad.read_h5ad(src)
+    a.X.data[0] += 1
+    a.layers["counts"] = a.X.copy()
+    a.write_h5ad(src)
     assert _run(cohort, out).stages == ALL
     after = {s: (unit / f"{s}.h5ad").stat().st_mtime_ns for s in SAMPLES}
-    assert [s for s in SAMPLES if before[s] != after[s]] == ["D2_acute"]
-    a = ad.read_h5ad(merged)
-    assert set(a.obs.loc[a.obs["sample"] == "D2_acute", "age"]) == {"99"}
+    assert [s for s in SAMPLES if before[s] != after[s]] == ["D2_baseline"]
 
 
 def test_force_and_from_rerun(cohort, tmp_path):
