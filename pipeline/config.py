@@ -402,7 +402,8 @@ class PreprocessConfig(_Section):
         description=(
             "LOESS span of the seurat_v3 mean-variance fit. A batch whose fit fails (small "
             "batches) is refitted with spans 0.5, 0.7, 0.9, then with a quadratic trend "
-            "(uns['immuneage']['hvg']['trend_fits'])."
+            "(uns['immuneage']['hvg']['trend_fits']); refits are summarised in one log line, a "
+            "warning only when the quadratic trend was used for at least half of the batches."
         ),
     )
     hvg_include: list[str] = Field(
