@@ -138,10 +138,15 @@ def _fit_mixedlm(formula: str, data: pd.DataFrame) -> tuple[Any, str]:
             note = "donor variance estimated at 0 (boundary fit)"
         else:
             note = "MixedLM convergence warning: " + msgs[0].splitlines()[0]
-    if not np.all(np.isfinite(np.asarray(res.params))) or not np.all(
-        np.isfinite(np.asarray(res.bse_fe))
-    ):
+    if not np.all(np.isfinite(np.asarray(res.params))):
         raise FloatingPointError("non-finite MixedLM estimates")
+    # the fixed effects' variances, checked before statsmodels takes their square roots
+    # (res.bse_fe): a degenerate fit has negative ones, whose sqrt is NaN with a RuntimeWarning
+    var_fe = np.diag(np.asarray(res.cov_params()))[: len(res.fe_params)]
+    if not np.all(np.isfinite(var_fe) & (var_fe > 0)):
+        raise FloatingPointError(
+            "MixedLM fixed-effect variances are not positive (a degenerate fit)"
+        )
     return res, note
 
 
