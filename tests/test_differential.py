@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -96,8 +97,14 @@ def _run(a: ad.AnnData, **diff):
     return res, msgs
 
 
-def test_tables_schema_and_planted_shift() -> None:
-    res, _ = _run(_toy())
+def test_tables_schema_and_planted_shift(caplog, monkeypatch) -> None:
+    monkeypatch.setenv("IMMUNEAGE_PROGRESS", "lines")  # plain lines, one per cell type
+    monkeypatch.setenv("IMMUNEAGE_PROGRESS_INTERVAL", "0")
+    with caplog.at_level(logging.INFO, logger="immuneage"):
+        res, _ = _run(_toy())
+    progress = [r.getMessage() for r in caplog.records if "pseudobulk DE" in r.getMessage()]
+    assert progress[0].startswith("pseudobulk DE (PyDESeq2): cell type 1/3 (33%)"), progress
+    assert progress[-1].startswith("pseudobulk DE (PyDESeq2): cell type 3/3 (100%)"), progress
     t = res.tables
     assert tuple(t["signature_shifts"].columns) == SHIFT_COLUMNS
     assert tuple(t["signature_means"].columns) == MEANS_COLUMNS
