@@ -3,8 +3,8 @@
 Three entry points:
 
 * :func:`detect_format` tells which of the accepted layouts a path is;
-* :func:`inspect_counts` checks a file's structure without loading the matrix
-  (what ``immuneage validate`` runs);
+* :func:`inspect_counts` checks a file's structure without loading the matrix,
+  and a bounded sample of its stored values (what ``immuneage validate`` runs);
 * :func:`read_counts` loads one sample and validates it: integer, finite,
   non-negative counts, unique barcodes, at least one cell, gene and count.
 

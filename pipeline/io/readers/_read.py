@@ -91,11 +91,14 @@ def inspect_counts(
 
     Finds the matrix (see :func:`read_counts`) and checks it: h5ad, the shape
     of the chosen counts matrix against the obs and var indexes, and whether a
-    sample of its stored entries are whole numbers; 10x h5, the required
-    datasets and their lengths; 10x mtx, the MatrixMarket header against the
-    features and barcodes files. Refuses unfiltered droplets (10x h5 and CSR
-    h5ad: from ``indptr``; mtx: from the header's entries per barcode) and
-    Ensembl ids without a symbol column.
+    sample of its stored entries are whole numbers (how the counts matrix is
+    chosen); 10x h5, the required datasets and their lengths; 10x mtx, the
+    MatrixMarket header against the features and barcodes files. For both 10x
+    formats a bounded sample of the stored values (:data:`SAMPLED_VALUES`:
+    blocks spread over an ``.h5``'s ``data``, the first entries of a
+    ``matrix.mtx``) must be finite, non-negative whole numbers. Refuses
+    unfiltered droplets (10x h5 and CSR h5ad: from ``indptr``; mtx: from the
+    header's entries per barcode) and Ensembl ids without a symbol column.
 
     Parameters
     ----------
@@ -116,7 +119,8 @@ def inspect_counts(
     ------
     DataFileError
         The path is missing, of an unknown format, unreadable, inconsistent,
-        unfiltered, or holds no usable counts or symbols.
+        unfiltered, or holds no usable counts (sampled values that are
+        fractions, negative or not finite) or symbols.
     """
     path = Path(path)
     plan = _plan(path, sample, counts_layer, symbol_column)
