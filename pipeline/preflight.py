@@ -330,6 +330,10 @@ def check_obs_columns(sheet: SampleSheet, cfg: Config, stages: set[str] | None =
         )
 
 
+#: Sheet values that mean "no value" in a numeric column (as ``typed_column`` reads them).
+_BLANKS = {"", "NA", "NaN", "nan", "N/A", "na"}
+
+
 def _check_sheet_values(sheet: SampleSheet, key: str, col: str, kind: str) -> None:
     """Values of extra sheet column ``col`` are usable for ``key`` (``kind``: any,
     categorical, continuous)."""
@@ -338,16 +342,30 @@ def _check_sheet_values(sheet: SampleSheet, key: str, col: str, kind: str) -> No
     values = sheet.metadata([col])[col]
     blank = [int(i) for i in np.flatnonzero(values.isna().to_numpy())]
     rows = sheet.rows
-    if kind == "continuous" and not pd.api.types.is_numeric_dtype(values.dtype):
-        text = [str(r.extra.get(col, "")).strip() for r in rows]
-        bad = next(
-            i for i, t in enumerate(text) if t and pd.isna(pd.to_numeric(t, errors="coerce"))
-        )
+    text = [str(r.extra.get(col, "")).strip() for r in rows]
+    bad = next(
+        (
+            i
+            for i, t in enumerate(text)
+            if t not in _BLANKS and pd.isna(pd.to_numeric(t, errors="coerce"))
+        ),
+        None,
+    )
+    if kind == "continuous" and bad is not None:
         raise InputError(
             f"{key}: column {col!r} of the sample sheet {sheet.path} must be numeric, but line "
             f"{rows[bad].row} (sample {rows[bad].sample!r}) has {text[bad]!r}; write a number "
             f"for every sample, or put {col!r} under integrate.categorical_covariates"
         )
+    if kind == "continuous":
+        inf = np.flatnonzero(np.isinf(values.to_numpy(dtype=float)))
+        if inf.size:
+            i = int(inf[0])
+            raise InputError(
+                f"{key}: column {col!r} of the sample sheet {sheet.path} must be finite, but "
+                f"line {rows[i].row} (sample {rows[i].sample!r}) has {text[i]!r}; write a "
+                "finite number for every sample"
+            )
     if blank:
         shown = ", ".join(f"{rows[i].sample!r} (line {rows[i].row})" for i in blank[:5])
         more = f" and {len(blank) - 5} more" if len(blank) > 5 else ""
