@@ -447,7 +447,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         cfg, notes = pilot_config(args.samplesheet, cfg)
         for note in notes:
             print(note)
-    report = validate_inputs(args.samplesheet, cfg, stages=names[: names.index(until) + 1])
+    with warnings.catch_warnings(record=True) as caught:  # listed once below, on stdout
+        warnings.simplefilter("always")
+        try:
+            report = validate_inputs(args.samplesheet, cfg, stages=names[: names.index(until) + 1])
+        except InputError:
+            for w in caught:  # what was found before the error still helps
+                _show_warning(w.message, w.category, w.filename, w.lineno)
+            raise
     table = report.table()
     if not args.quiet:
         print(table.drop(columns=["path"]).to_string(index=False))

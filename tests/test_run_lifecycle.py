@@ -276,3 +276,33 @@ def test_sheet_column_reruns_only_the_stages_that_read_it(tmp_path):
     assert list(a.obs["sex"].cat.categories) == ["M", "F"]
     assert "age" not in a.obs  # not read by any stage so far
     a.file.close()
+
+
+def test_warnings_are_shown_once_without_source_lines(tmp_path):
+    sheet = write_cohort(tmp_path / "in")
+    table = pd.read_csv(sheet)
+    nobase = sheet.with_name("nobase.csv")
+    table[table["sample"] != "D3_baseline"].to_csv(nobase, index=False)
+    config = _config(tmp_path / "config.yaml", ingest={"missing_baseline": "warn"})
+    text = "1 donor(s) have no 'baseline' sample: 'D3'"
+    base = run_argv(nobase, tmp_path / "out", "--until", "ingest", config=config)
+    v = subprocess.run(
+        [
+            *base[:3],
+            "validate",
+            "--samplesheet",
+            str(nobase),
+            "--config",
+            str(config),
+            "--until",
+            "ingest",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert v.returncode == 0, v.stderr
+    assert (v.stdout + v.stderr).count(text) == 1
+    r = subprocess.run(base, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count(text) == 1
+    assert ".py:" not in r.stderr and "warnings.warn" not in r.stderr
