@@ -157,15 +157,23 @@ def test_continuous_covariate_with_blanks(tmp_path):
     validate_inputs(sheet, load_config(root / "config.yaml"), stages=UP_TO_QC)
 
 
-def test_continuous_covariate_not_numeric(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("key", "value", "culprits"),
+    [
+        ("continuous_covariates", "obese", ("column 'bmi'", "must be numeric", "'obese'")),
+        ("continuous_covariates", "inf", ("column 'bmi'", "must be finite", "'inf'")),
+        ("categorical_covariates", "", ("categorical_covariates: column 'bmi'", "is blank")),
+    ],
+)
+def test_covariate_values(tmp_path, capsys, key, value, culprits):
     root = tmp_path / "in"
     sheet = write_cohort(root, n_cells=25)
     df = _sheet(root)
     df["bmi"] = ["22"] * len(df)
-    df.loc[2, "bmi"] = "obese"
+    df.loc[2, "bmi"] = value
     _save(root, df)
-    _config(root, "integrate", {"continuous_covariates": ["bmi"]})
-    _refused_here(sheet, capsys, "column 'bmi'", "must be numeric", "'obese'", "line 4")
+    _config(root, "integrate", {key: ["bmi"]})
+    _refused_here(sheet, capsys, *culprits, "'D1_longterm' (line 4)" if not value else "line 4")
 
 
 def test_covariate_column_that_does_not_exist(tmp_path):
