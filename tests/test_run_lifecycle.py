@@ -39,6 +39,11 @@ def _status(stdout: str) -> dict[str, str]:
     return out
 
 
+def _sh(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a command line, capturing its text output."""
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = cli.main(argv)
     captured = capsys.readouterr()
@@ -46,16 +51,8 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 
 
 def _argv(sheet: Path, out: Path, config: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--samplesheet",
-        str(sheet),
-        "--config",
-        str(config),
-        "--outdir",
-        str(out),
-        *extra,
-    ]
+    """``immuneage run`` arguments for :func:`pipeline.cli.main` (in-process)."""
+    return run_argv(sheet, out, *extra, config=config)[3:]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +64,7 @@ def test_failure_at_qc_keeps_ingest_and_the_fixed_rerun_resumes(cohort, tmp_path
     """A data problem found mid-run (a sample failing QC) keeps the finished ingest."""
     out = tmp_path / "out"
     bad = _config(tmp_path / "bad.yaml", qc={"min_cells_after": 31})  # D1_baseline has 30
-    r = subprocess.run(
-        run_argv(cohort, out, "--until", "qc", config=bad), capture_output=True, text=True
-    )
+    r = _sh(run_argv(cohort, out, "--until", "qc", config=bad))
     assert r.returncode == 2, r.stderr
     assert "sample 'D1_baseline' fails QC" in r.stderr
     assert "Completed stages are kept (ingest)" in r.stderr
@@ -88,9 +83,7 @@ def test_failure_at_qc_keeps_ingest_and_the_fixed_rerun_resumes(cohort, tmp_path
     ingest_mtime = (out / "ingest" / "ingest.h5ad").stat().st_mtime_ns
 
     good = _config(tmp_path / "good.yaml")
-    r = subprocess.run(
-        run_argv(cohort, out, "--until", "qc", config=good), capture_output=True, text=True
-    )
+    r = _sh(run_argv(cohort, out, "--until", "qc", config=good))
     assert r.returncode == 0, r.stderr
     assert _status(r.stdout) == {"ingest": "up to date", "qc": "ran"}
     assert (out / "ingest" / "ingest.h5ad").stat().st_mtime_ns == ingest_mtime
@@ -151,11 +144,7 @@ def test_failure_at_score_keeps_everything_before_it(cohort, tmp_path, capsys, m
 def test_quiet_run_logs_to_its_file_only(cohort, tmp_path):
     out = tmp_path / "out"
     config = _config(tmp_path / "config.yaml")
-    r = subprocess.run(
-        run_argv(cohort, out, "--until", "ingest", "--quiet", config=config),
-        capture_output=True,
-        text=True,
-    )
+    r = _sh(run_argv(cohort, out, "--until", "ingest", "--quiet", config=config))
     assert r.returncode == 0, r.stderr
     assert "[immuneage" not in r.stderr  # nothing on the terminal but warnings
     (log,) = (out / "logs").glob("*.log")
@@ -166,11 +155,7 @@ def test_quiet_run_logs_to_its_file_only(cohort, tmp_path):
 def test_from_after_until_is_an_error(cohort, tmp_path):
     out = tmp_path / "out"
     config = _config(tmp_path / "config.yaml")
-    r = subprocess.run(
-        run_argv(cohort, out, "--from", "cluster", "--until", "integrate", config=config),
-        capture_output=True,
-        text=True,
-    )
+    r = _sh(run_argv(cohort, out, "--from", "cluster", "--until", "integrate", config=config))
     assert r.returncode == 2
     assert "--from cluster comes after --until integrate" in r.stderr
     assert not out.exists()
@@ -184,11 +169,9 @@ def test_pilot_run_needs_no_design(tmp_path):
     one.to_csv(pilot, index=False)
     config = _config(tmp_path / "config.yaml")
     out = tmp_path / "out"
-    full = subprocess.run(run_argv(pilot, out, config=config), capture_output=True, text=True)
+    full = _sh(run_argv(pilot, out, config=config))
     assert full.returncode == 2 and not out.exists()  # a full run needs the design
-    r = subprocess.run(
-        run_argv(pilot, out, "--qc-only", config=config), capture_output=True, text=True
-    )
+    r = _sh(run_argv(pilot, out, "--qc-only", config=config))
     assert r.returncode == 0, r.stderr
     assert _status(r.stdout) == {"ingest": "ran", "qc": "ran"}
     (log,) = (out / "logs").glob("*.log")
@@ -198,20 +181,14 @@ def test_pilot_run_needs_no_design(tmp_path):
     html = report.read_text()
     assert "D1_baseline" in html and html.count("data:image/png;base64,") == 2
     assert not (out / "preprocess").exists()
-    v = subprocess.run(
+    v = _sh(
         [
             *run_argv(pilot, out, config=config)[:3],
             *("validate", "--qc-only", "--samplesheet", str(pilot), "--config", str(config)),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
     assert v.returncode == 0, v.stderr
-    bad = subprocess.run(
-        run_argv(pilot, out, "--qc-only", "--until", "cluster", config=config),
-        capture_output=True,
-        text=True,
-    )
+    bad = _sh(run_argv(pilot, out, "--qc-only", "--until", "cluster", config=config))
     assert bad.returncode == 2 and "--qc-only runs ingest and qc" in bad.stderr
 
 
@@ -233,19 +210,11 @@ def test_threads_caps_the_pools_and_restores_them():
 def test_threads_option_reaches_the_run(cohort, tmp_path):
     out = tmp_path / "out"
     config = _config(tmp_path / "config.yaml")
-    r = subprocess.run(
-        run_argv(cohort, out, "--until", "ingest", "--threads", "1", config=config),
-        capture_output=True,
-        text=True,
-    )
+    r = _sh(run_argv(cohort, out, "--until", "ingest", "--threads", "1", config=config))
     assert r.returncode == 0, r.stderr
     (log,) = (out / "logs").glob("*.log")
     assert "threads: at most 1" in log.read_text()
-    bad = subprocess.run(
-        run_argv(cohort, tmp_path / "o2", "--threads", "0", config=config),
-        capture_output=True,
-        text=True,
-    )
+    bad = _sh(run_argv(cohort, tmp_path / "o2", "--threads", "0", config=config))
     assert bad.returncode == 2 and "--threads 0" in bad.stderr
 
 
@@ -254,18 +223,18 @@ def test_sheet_column_reruns_only_the_stages_that_read_it(tmp_path):
     config = _config(tmp_path / "config.yaml")
     out = tmp_path / "out"
     argv = run_argv(sheet, out, "--until", "integrate", config=config)
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = _sh(argv)
     assert r.returncode == 0, r.stderr
     # a new column nobody reads: everything stays
     table = pd.read_csv(sheet)
     table["sex"] = ["M", "M", "M", "F", "F", "F", "M", "M", "M"]
     table.to_csv(sheet, index=False)
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = _sh(argv)
     assert r.returncode == 0, r.stderr
     assert set(_status(r.stdout).values()) == {"up to date"}
     # scVI now conditions on it: only integrate re-runs, and sees it typed
     config = _config(tmp_path / "config.yaml", integrate={"categorical_covariates": ["sex"]})
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = _sh(argv)
     assert r.returncode == 0, r.stderr
     status = _status(r.stdout)
     assert status.pop("integrate") == "ran"
@@ -286,7 +255,7 @@ def test_warnings_are_shown_once_without_source_lines(tmp_path):
     config = _config(tmp_path / "config.yaml", ingest={"missing_baseline": "warn"})
     text = "1 donor(s) have no 'baseline' sample: 'D3'"
     base = run_argv(nobase, tmp_path / "out", "--until", "ingest", config=config)
-    v = subprocess.run(
+    v = _sh(
         [
             *base[:3],
             "validate",
@@ -296,13 +265,11 @@ def test_warnings_are_shown_once_without_source_lines(tmp_path):
             str(config),
             "--until",
             "ingest",
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
     assert v.returncode == 0, v.stderr
     assert (v.stdout + v.stderr).count(text) == 1
-    r = subprocess.run(base, capture_output=True, text=True)
+    r = _sh(base)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count(text) == 1
     assert ".py:" not in r.stderr and "warnings.warn" not in r.stderr
