@@ -195,9 +195,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p_val = sub.add_parser(
         "validate",
         help="check a sample sheet, config and counts files without running anything",
-        description="Fast checks of the sheet, the config and each file's structure (no matrix "
-        "is loaded): the files each line reads and how, genes shared by the samples, the species "
-        "(the shipped panels are human) and the QC gene prefixes.",
+        description="Fast checks of everything a run needs before compute (no matrix is loaded; "
+        "a sampled block of values per file): the files each line reads and how, counts that are "
+        "counts, genes shared by the samples, the species (the shipped panels are human), the QC "
+        "gene prefixes, and, for the stages up to --until: covariate and batch columns, gene sets "
+        "and marker panel against the cohort's genes, donors per contrast vs min_donors.",
     )
     p_val.add_argument("--samplesheet", required=True, type=Path, help="as for `immuneage run`")
     p_val.add_argument("--config", type=Path, default=None)

@@ -202,7 +202,7 @@ def test_failed_stage_is_reported_dependents_cancelled_and_resubmit_completes(sl
     markers = root / "in" / "markers.yaml"
     broken = panel.replace("{gene: CD3E, source: zheng2017}", "{gene: CD3E, source: ''}", 1)
     assert broken != panel
-    markers.write_text(broken)  # a hand-edited panel with one citation deleted
+    markers.write_text(panel)  # valid when submitted: `slurm submit` checks it up front
     cfg = yaml.safe_load(slurm_run["config"].read_text())
     cfg.setdefault("annotate", {})["markers"] = str(markers)
     config = root / "in" / "config_markers.yaml"
@@ -220,6 +220,9 @@ def test_failed_stage_is_reported_dependents_cancelled_and_resubmit_completes(sl
 
     r = _cli("slurm", "submit", *args)
     assert r.returncode == 0, r.stderr
+    # ... then hand-edited while the jobs wait or run (one citation deleted): the annotate
+    # step's own pre-flight, or the stage, fails inside the job
+    markers.write_text(broken)
     record = read_jobs(out)
     assert record is not None
     order = [g.name for g in job_groups()]

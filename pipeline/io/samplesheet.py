@@ -269,7 +269,8 @@ def typed_column(values: Sequence[str], index: pd.Index | None = None) -> pd.Ser
             pd.Series([v if v not in missing else None for v in text], dtype=object),
             errors="coerce",
         ).astype("float64")
-        whole = bool(np.all(np.mod(arr.dropna().to_numpy(), 1) == 0))
+        values = arr.dropna().to_numpy()
+        whole = bool(np.all(np.isfinite(values))) and bool(np.all(np.mod(values, 1) == 0))
         if whole and not arr.isna().any():
             arr = arr.astype("int64")
         return pd.Series(arr.to_numpy(), index=index, dtype=arr.dtype)
