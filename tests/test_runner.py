@@ -283,12 +283,24 @@ def killable(tmp_path_factory):
     return sheet, ref
 
 
-# 20 + one stamp per cohort stage: 9 ingest units + merge, 9 qc units + merge, then the rest;
-# ten kill points drawn with a fixed seed over every stamp count a run passes through
+# 20 + one stamp per cohort stage: 9 ingest units + merge, 9 qc units + merge, then the rest.
+# One kill point in each kind of work a run does (CI time: each point is two runs):
+# in the first ingest unit, among the ingest units, in the qc units after the ingest merge,
+# in preprocess after the qc merge, in cluster after scVI, and in differential.
 N_STAMPS = 20 + sum(1 for name in stage_names() if name not in ("ingest", "qc"))
-KILL_POINTS = sorted(
-    int(k) for k in np.random.default_rng(2026).choice(N_STAMPS, size=10, replace=False)
-)
+# stage -> the number of stamps on disk while it runs
+_RUNNING_AT = {
+    name: 20 + i for i, name in enumerate(n for n in stage_names() if n not in ("ingest", "qc"))
+}
+KILL_POINTS = [
+    0,
+    5,
+    10,
+    _RUNNING_AT["preprocess"],
+    _RUNNING_AT["cluster"],
+    _RUNNING_AT["differential"],
+]
+assert all(0 <= k < N_STAMPS for k in KILL_POINTS)
 
 
 @pytest.mark.parametrize("kill_after_stamps", KILL_POINTS)
