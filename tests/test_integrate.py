@@ -53,6 +53,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple:
         warnings.simplefilter("ignore")
         Runner(cohort.samplesheet, demo_config(), root / "out").run(until="preprocess")
     adata = read_h5ad_artifact(root / "out" / "preprocess" / "preprocess.h5ad")
+    # a sheet column, as the runner joins it for integrate when the config names it
+    sheet = pd.read_csv(cohort.samplesheet).set_index("sample")
+    adata.obs["batch"] = pd.Categorical(adata.obs["sample"].astype(str).map(sheet["batch"]))
     truth = pd.read_csv(cohort.truth_cells, sep="\t")
     truth.index = truth["sample"] + ":" + truth["barcode"]
     truth = truth.loc[adata.obs_names]
