@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import SMALL_OVERRIDES, write_cohort
 
+import pipeline.preflight as preflight_mod
 import pipeline.runner as runner_mod
 import pipeline.stages as stages_mod
 from pipeline.artifacts import read_stamp, stamp_path
@@ -55,6 +56,7 @@ def extra_stage(monkeypatch):
     stages = (*stages_mod.STAGES, spec)
     monkeypatch.setattr(stages_mod, "STAGES", stages)
     monkeypatch.setattr(runner_mod, "STAGES", stages)
+    monkeypatch.setattr(preflight_mod, "STAGES", stages)
     CALLS.clear()
     return spec
 
