@@ -347,7 +347,7 @@ class Runner:
         summary.wall_s = time.perf_counter() - t0
         if stage:
             summary.stages[stage] = "failed"
-        if sample is None and isinstance(exc, Exception):
+        if sample is None:
             with contextlib.suppress(Exception):
                 self._write_provenance(summary, failure={"stage": stage, "error": str(exc)})
         note = (
@@ -822,15 +822,11 @@ class Runner:
             return
         samples = adata.obs[keys.SAMPLE].astype(str).to_numpy()
         for column in frame.columns:
-            values = frame[column]
-            mapped = values.reindex(samples)
-            if isinstance(values.dtype, pd.CategoricalDtype):
-                mapped = pd.Categorical(mapped.astype(object), categories=values.cat.categories)
+            mapped = frame[column].reindex(samples)  # a categorical stays categorical
+            if isinstance(mapped.dtype, pd.CategoricalDtype):
+                adata.obs[column] = mapped.cat.remove_unused_categories().array
             else:
-                mapped = mapped.to_numpy()
-            adata.obs[column] = mapped
-            if isinstance(values.dtype, pd.CategoricalDtype):
-                adata.obs[column] = adata.obs[column].cat.remove_unused_categories()
+                adata.obs[column] = mapped.to_numpy()
 
     def _run_cohort(self, spec: StageSpec, *, force: bool) -> tuple[str, list[Path]]:
         artifact = self._artifact(spec)
