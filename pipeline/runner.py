@@ -396,13 +396,18 @@ class Runner:
         handler.setFormatter(
             logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         )
-        level = log.level
-        if log.getEffectiveLevel() > logging.INFO:
+        level, shown = log.level, log.getEffectiveLevel()
+        handler_levels = {h: h.level for h in log.handlers}
+        added = [handler]
+        if not log.handlers:  # a library call: keep showing what logging's last resort would
+            added.append(logging.StreamHandler())
+            added[-1].setLevel(logging.WARNING)
+        if shown > logging.INFO:
             log.setLevel(logging.INFO)  # the file takes INFO even when the terminal is quiet
-            for h in log.handlers:
-                if h.level < level:
-                    h.setLevel(level)
-        log.addHandler(handler)
+            for h in handler_levels:
+                h.setLevel(max(h.level, shown))
+        for h in added:
+            log.addHandler(h)
         try:
             log.info(
                 "immuneage %s on %s (pid %d): %s",
@@ -423,9 +428,12 @@ class Runner:
                 log.info("%s", note)
             yield path
         finally:
-            log.removeHandler(handler)
+            for h in added:
+                log.removeHandler(h)
             handler.close()
             log.setLevel(level)
+            for h, h_level in handler_levels.items():
+                h.setLevel(h_level)
 
     def stage_status(self) -> dict[str, StageStatus]:
         """Which stages (and per-sample units) a run would skip; reads only, writes nothing.
