@@ -313,8 +313,14 @@ class QCConfig(_Section):
         default="scrublet",
         description="Doublet detection per sample: scrublet (scanpy on CPU, rapids-singlecell on GPU) or none.",
     )
-    expected_doublet_rate: float = Field(
-        default=0.06, gt=0, lt=1, description="Scrublet's expected doublet rate."
+    expected_doublet_rate: float | None = Field(
+        default=0.06,
+        gt=0,
+        lt=1,
+        description=(
+            "Scrublet's expected doublet rate; null: derived per sample from the cells recovered "
+            "(10x: about 0.8% per 1,000 cells), recorded in tables/qc_samples.tsv."
+        ),
     )
     doublet_threshold: float | None = Field(
         default=None,
@@ -643,19 +649,71 @@ class DifferentialConfig(_Section):
         ge=1,
         description="Processes PyDESeq2 may use (1 keeps results identical across machines).",
     )
-    enrichment: Literal["ulm", "none"] = Field(
+    enrichment: Literal["camera", "ulm", "none"] = Field(
         default="ulm",
-        description="Signature enrichment of each DE result: 'ulm' (univariate linear model on the Wald statistics) or 'none'.",
+        description=(
+            "Signature enrichment of each DE result: 'camera' (competitive test on the Wald "
+            "statistics with the variance inflated by the signature's inter-gene correlation "
+            "estimated from the pseudobulks; Wu & Smyth 2012), 'ulm' (univariate linear model, "
+            "assumes independent genes: anti-conservative for co-regulated programmes; its "
+            "q-values are never starred) or 'none'."
+        ),
     )
     enrichment_min_genes: int = Field(
         default=5,
         ge=1,
         description="Signatures with fewer genes among a DE result's tested genes are not scored.",
     )
+    composition_method: Literal["propeller", "clr"] = Field(
+        default="propeller",
+        description=(
+            "Relative-abundance test: 'propeller' (transformed cell-type proportions, donor-paired, "
+            "empirical-Bayes moderated across types; Phipson et al. 2022) or 'clr' (centred "
+            "log-ratio with a sample-size-aware pseudocount)."
+        ),
+    )
+    composition_transform: Literal["asin_sqrt", "logit"] = Field(
+        default="asin_sqrt",
+        description="Transform of the proportions for 'propeller': arcsine square root or logit.",
+    )
+    composition_moderate: bool = Field(
+        default=True,
+        description=(
+            "'propeller': moderate each type's variance of the paired differences towards the "
+            "types' common value (limma empirical Bayes)."
+        ),
+    )
+    composition_min_prevalence: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "A type is tested in a contrast only when it has at least one cell in this share of "
+            "the contrast's samples (near-absent types are a row of differential_dropped)."
+        ),
+    )
+    composition_min_prop: float = Field(
+        default=0.001,
+        ge=0,
+        lt=1,
+        description="... and a mean proportion over those samples of at least this.",
+    )
     pseudocount: float = Field(
         default=0.5,
         gt=0,
-        description="Cells added to each type's count before the CLR / log-ratio of composition.",
+        description=(
+            "Cells added to a type's count before the CLR ('clr', scaled by the sample's size "
+            "relative to the mean sample) and before group log-ratios."
+        ),
+    )
+    absolute_total_column: str | None = Field(
+        default=None,
+        description=(
+            "Column of the covariates file with each sample's absolute count of the cells the "
+            "sample represents (e.g. PBMCs per uL = lymphocytes + monocytes from the blood count): "
+            "shares are converted to cells per uL and tested donor-paired (table "
+            "composition_absolute); null: relative abundance only."
+        ),
     )
     log_ratios: dict[str, dict[str, list[str]]] = Field(
         default_factory=lambda: {
@@ -689,8 +747,59 @@ class DifferentialConfig(_Section):
         description="Covariate columns to test; null: every column except sample, donor, timepoint.",
     )
     covariate_adjust_timepoint: bool = Field(
-        default=False,
-        description="Add timepoint as a fixed effect in the covariate models (association at equal timepoints).",
+        default=True,
+        description=(
+            "Add timepoint as a fixed effect in the covariate models (association at equal "
+            "timepoints); without it a covariate and a score that both change with time are "
+            "associated although unrelated."
+        ),
+    )
+    mixed_optimizers: list[Literal["lbfgs", "bfgs", "powell", "nm", "cg"]] = Field(
+        default_factory=lambda: ["lbfgs", "bfgs", "powell", "nm"],
+        min_length=1,
+        description=(
+            "statsmodels MixedLM optimisers tried one by one until one converges (recorded in "
+            "the tables' method column); only when all fail does a test fall back to OLS."
+        ),
+    )
+    primary: dict[str, list[str]] | None = Field(
+        default_factory=lambda: {
+            "T_CD4": [
+                "tbk1_sting",
+                "ifn_type1",
+                "nfkb_inflammation",
+                "senescence_core",
+                "t_exhaustion",
+                "t_naive",
+            ],
+            "T_CD8": [
+                "tbk1_sting",
+                "ifn_type1",
+                "nfkb_inflammation",
+                "senescence_core",
+                "t_exhaustion",
+                "t_naive",
+            ],
+            "T_other": ["tbk1_sting", "ifn_type1", "nfkb_inflammation"],
+            "NK": ["tbk1_sting", "ifn_type1", "nfkb_inflammation", "senescence_core"],
+            "B": ["tbk1_sting", "ifn_type1", "nfkb_inflammation"],
+            "plasma": ["ifn_type1", "nfkb_inflammation"],
+            "mono": ["tbk1_sting", "ifn_type1", "nfkb_inflammation", "senescence_core", "sasp"],
+            "DC": ["tbk1_sting", "ifn_type1", "nfkb_inflammation"],
+        },
+        description=(
+            "Primary hypotheses: lineage (obs['cell_type_coarse']) or cell type -> signatures. "
+            "Signature shifts of these pairs form the 'primary' FDR family (BH over all of them "
+            "and all contrasts); every other pair is 'exploratory' (its own family). null: one "
+            "family of every pair and contrast."
+        ),
+    )
+    global_test: bool = Field(
+        default=True,
+        description=(
+            "With three or more timepoints, also test each cell type x signature across all of "
+            "them at once (F test on the donor-level model; table signature_global)."
+        ),
     )
 
     @model_validator(mode="after")
