@@ -314,12 +314,12 @@ class QCConfig(_Section):
         description="Doublet detection per sample: scrublet (scanpy on CPU, rapids-singlecell on GPU) or none.",
     )
     expected_doublet_rate: float | None = Field(
-        default=0.06,
+        default=None,
         gt=0,
         lt=1,
         description=(
             "Scrublet's expected doublet rate; null: derived per sample from the cells recovered "
-            "(10x: about 0.8% per 1,000 cells), recorded in tables/qc_samples.tsv."
+            "(10x: about 0.8% per 1,000 cells), recorded in tables/qc_per_sample.tsv (doublet_rate)."
         ),
     )
     doublet_threshold: float | None = Field(
@@ -333,9 +333,9 @@ class QCConfig(_Section):
         gt=1,
         description=(
             "scrublet's automatic threshold (doublet_threshold null) is not trusted when it calls "
-            "more than this many times expected_doublet_rate of the cells (a score histogram that "
-            "is not bimodal); the expected_doublet_rate highest-scoring cells are called instead "
-            "(DoubletFinder's rule), warned."
+            "more than this many times the expected doublet rate of the cells, and more than 10% "
+            "(a score histogram that is not bimodal); the expected rate's highest-scoring cells "
+            "are called instead (DoubletFinder's rule), warned."
         ),
     )
     min_cells_for_doublets: int = Field(
@@ -1081,7 +1081,9 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "integrate": {"max_epochs": 25, "early_stopping": False},
     # the demo genome has 3,000 genes, all of them expressed like a whole transcriptome's
     # informative genes: min_genes keeps its unscaled meaning there (as before the scaling)
-    "qc": {"min_genes_reference": 3000},
+    # the demo plants 4-6% doublets in samples of a few hundred cells (a loading
+    # 10x's rule would give ~0.5%): it tells scrublet the rate it simulated
+    "qc": {"min_genes_reference": 3000, "expected_doublet_rate": 0.05},
 }
 
 

@@ -14,7 +14,9 @@ import scipy.sparse as sp
 from pipeline.config import load_config
 from pipeline.errors import ImmuneageWarning, InputError
 from pipeline.stages.qc import (
+    AUTO_CALL_FLOOR,
     call_doublets,
+    doublet_rate,
     gene_masks,
     merge_qc,
     qc_sample,
@@ -367,7 +369,12 @@ def test_doublets_are_called_per_library_on_real_counts():
     assert (passed & planted).sum() >= 8  # most planted doublets pass the outlier filters
     for name, cells in (("A", in_a), ("B", ~in_a)):
         alone, called, t = call_doublets(
-            sp.csr_matrix(a.X), passed & cells, cfg.qc, sample="R1", seed=cfg.seed
+            sp.csr_matrix(a.X),
+            passed & cells,
+            cfg.qc,
+            sample="R1",
+            seed=cfg.seed,
+            n_recovered=int(cells.sum()),  # the library's own loading sets its rate
         )
         np.testing.assert_array_equal(score[cells], alone[cells])
         np.testing.assert_array_equal(out.obs["predicted_doublet"].to_numpy()[cells], called[cells])
@@ -451,8 +458,10 @@ def test_one_library_behaves_as_no_library():
 
 
 def test_unimodal_doublet_scores_fall_back_to_the_expected_rate(tmp_path):
-    """Real PBMCs (pbmc68k, 230 cells): scrublet's automatic threshold fell inside the
-    singlets (49% called, mostly lymphocytes); the expected share is called instead."""
+    """Real PBMCs (pbmc68k, 230 cells): with a fixed 6% expected rate, scrublet's automatic
+    threshold fell inside the singlets (49% called, mostly lymphocytes); the expected share
+    is called instead. With the rate derived from the loading (0.8% per 1,000 cells, the
+    default) the automatic threshold calls a plausible share and nothing is overridden."""
     from pipeline.config import Config
     from pipeline.datasets.real import write_real_cohort
     from pipeline.io.samplesheet import read_samplesheet
@@ -462,15 +471,33 @@ def test_unimodal_doublet_scores_fall_back_to_the_expected_rate(tmp_path):
     sheet = write_real_cohort(tmp_path, cells_per_sample=230, seed=0)
     rows = read_samplesheet(sheet, cfg.design, cfg.ingest).rows
     adata = ingest_sample(next(r for r in rows if r.sample == "103_baseline"), cfg)
-    trusting = load_config(None, {"qc": {"doublet_auto_max_factor": 100}})
+    fixed = load_config(None, {"qc": {"expected_doublet_rate": 0.06}})
+    trusting = load_config(
+        None, {"qc": {"expected_doublet_rate": 0.06, "doublet_auto_max_factor": 100}}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImmuneageWarning)
         auto = qc_sample(adata, trusting).obs["predicted_doublet"].mean()
     assert auto > 0.3  # the failure this guards against
     with pytest.warns(ImmuneageWarning, match="not bimodal"):
-        out = qc_sample(adata, cfg)
+        out = qc_sample(adata, fixed)
     called = out.obs["predicted_doublet"].to_numpy()
-    assert called.mean() <= cfg.qc.expected_doublet_rate + 1 / adata.n_obs
+    assert out.uns["immuneage"]["qc"]["doublet_rate"] == 0.06
+    assert called.mean() <= 0.06 + 1 / adata.n_obs
     threshold = out.uns["immuneage"]["qc"]["doublet_threshold"]
     scores = out.obs["doublet_score"].to_numpy()
     assert (scores[called] > threshold).all() and (scores[~called] <= threshold).all()
+
+    assert doublet_rate(None, adata.n_obs) == pytest.approx(0.008 * adata.n_obs / 1000)
+    assert doublet_rate(None, 100) == 0.001 and doublet_rate(None, 10**6) == 0.3
+    assert doublet_rate(0.04, 10**6) == 0.04
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImmuneageWarning)  # no override
+        derived = qc_sample(adata, cfg)
+    info = derived.uns["immuneage"]["qc"]
+    assert info["doublet_rate"] == doublet_rate(None, adata.n_obs)
+    assert derived.obs["predicted_doublet"].mean() < AUTO_CALL_FLOOR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImmuneageWarning)  # min_genes scaled to the panel
+        table = merge_qc([derived], cfg).tables["qc_per_sample"]
+    assert table.loc[0, "doublet_rate"] == pytest.approx(info["doublet_rate"])

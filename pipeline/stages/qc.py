@@ -274,8 +274,38 @@ def _flags(metrics: pd.DataFrame, t: dict[str, float | None]) -> pd.DataFrame:
     )
 
 
+#: 10x Genomics' multiplet rate: about 0.8% of the cells recovered per 1,000 cells recovered.
+DOUBLET_RATE_PER_1000_CELLS = 0.008
+
+
+#: scrublet's automatic threshold is trusted when it calls at most this share (or
+#: ``doublet_auto_max_factor`` times the expected rate, if larger).
+AUTO_CALL_FLOOR = 0.10
+
+
+def doublet_rate(expected: float | None, n_recovered: int) -> float:
+    """Scrublet's expected doublet rate for a library of ``n_recovered`` cells.
+
+    Parameters
+    ----------
+    expected
+        ``qc.expected_doublet_rate``: used as given when set.
+    n_recovered
+        Cells recovered in the library (barcodes of its filtered matrix,
+        before QC).
+
+    Returns
+    -------
+    ``expected``, or 10x's loading rule ``0.008 * n_recovered / 1000`` (0.8%
+    per 1,000 cells recovered) kept within [0.001, 0.3].
+    """
+    if expected is not None:
+        return float(expected)
+    return float(np.clip(DOUBLET_RATE_PER_1000_CELLS * n_recovered / 1000.0, 0.001, 0.3))
+
+
 def _scrublet(
-    counts: sp.csr_matrix, cfg: QCConfig, seed: int, backend: str
+    counts: sp.csr_matrix, cfg: QCConfig, seed: int, backend: str, rate: float
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Doublet scores and calls for the given cells (scrublet)."""
     tmp = ad.AnnData(counts.astype(np.float32))
@@ -284,7 +314,7 @@ def _scrublet(
     if n_pcs < 2:
         return np.zeros(tmp.n_obs), np.zeros(tmp.n_obs, bool), None
     kw: dict[str, Any] = {
-        "expected_doublet_rate": cfg.expected_doublet_rate,
+        "expected_doublet_rate": rate,
         "threshold": cfg.doublet_threshold,
         "n_prin_comps": n_pcs,
         "random_state": seed,
@@ -327,9 +357,18 @@ def _libraries(obs: pd.DataFrame) -> list[tuple[str, np.ndarray]] | None:
 
 
 def _doublets_in(
-    counts: sp.csr_matrix, cells: np.ndarray, where: str, cfg: QCConfig, seed: int, backend: str
+    counts: sp.csr_matrix,
+    cells: np.ndarray,
+    where: str,
+    cfg: QCConfig,
+    seed: int,
+    backend: str,
+    recovered: int,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Scrublet on the ``cells`` (a mask) of one library or sample named by ``where``.
+
+    ``recovered`` (the library's cells before QC) sets the expected doublet
+    rate when ``cfg.expected_doublet_rate`` is null (:func:`doublet_rate`).
 
     Returns scores (NaN outside ``cells``), calls and scrublet's threshold;
     with fewer than ``cfg.min_cells_for_doublets`` cells (but some), no calls
@@ -349,21 +388,24 @@ def _doublets_in(
         )
         return score, called, None
     idx = np.flatnonzero(cells)
-    s, c, threshold = _scrublet(counts[idx], cfg, seed, backend)
-    limit = cfg.doublet_auto_max_factor * cfg.expected_doublet_rate
+    rate = doublet_rate(cfg.expected_doublet_rate, recovered)
+    s, c, threshold = _scrublet(counts[idx], cfg, seed, backend, rate)
+    # a rate derived from a small library (0.2% at 250 cells) would make any call rate above
+    # 0.4% look untrustworthy: the guard is for histograms that call a large share
+    limit = max(cfg.doublet_auto_max_factor * rate, AUTO_CALL_FLOOR)
     if cfg.doublet_threshold is None and threshold is not None and c.mean() > limit:
         # scrublet's automatic threshold assumes a bimodal score histogram; without one it
         # can fall inside the singlets' scores (seen on a 230-cell real PBMC sample: 49%
         # called, mostly lymphocytes). Call the expected share of top scores instead,
         # DoubletFinder's rule.
         auto, share = threshold, float(c.mean())
-        threshold = float(np.quantile(s, 1.0 - cfg.expected_doublet_rate))
+        threshold = float(np.quantile(s, 1.0 - rate))
         c = s > threshold
         warnings.warn(
             f"{where}: scrublet's automatic threshold {auto:.3g} calls {share:.0%} of the "
-            f"cells doublets, more than qc.doublet_auto_max_factor x expected_doublet_rate "
+            f"cells doublets, more than max(qc.doublet_auto_max_factor x the expected rate, 10%) "
             f"({limit:.0%}); the score histogram is not bimodal. The threshold was raised to "
-            f"{threshold:.3g}, calling the expected_doublet_rate ({cfg.expected_doublet_rate:.0%}) "
+            f"{threshold:.3g}, calling the expected doublet rate ({rate:.1%}) "
             "highest-scoring cells; set qc.doublet_threshold to choose it yourself",
             ImmuneageWarning,
             stacklevel=4,
@@ -381,6 +423,7 @@ def call_doublets(
     libraries: list[tuple[str, np.ndarray]] | None = None,
     seed: int = 0,
     backend: str = "scanpy",
+    n_recovered: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, DoubletThreshold]:
     """Scrublet doublet scores and calls for one sample's QC-passing cells.
 
@@ -404,6 +447,10 @@ def call_doublets(
         scrublet's random state.
     backend
         ``scanpy`` or ``rapids``.
+    n_recovered
+        Cells recovered in the sample (sets the expected doublet rate when
+        ``cfg.expected_doublet_rate`` is null, :func:`doublet_rate`); ``None``:
+        the rows of ``counts``. With libraries, each library's cells.
 
     Returns
     -------
@@ -422,13 +469,23 @@ def call_doublets(
         cells (but some): no doublets are called in it.
     """
     if libraries is None:
-        return _doublets_in(counts, passed, f"sample {sample!r}", cfg, seed, backend)
+        return _doublets_in(
+            counts,
+            passed,
+            f"sample {sample!r}",
+            cfg,
+            seed,
+            backend,
+            counts.shape[0] if n_recovered is None else n_recovered,
+        )
     score = np.full(counts.shape[0], np.nan)
     called = np.zeros(counts.shape[0], bool)
     thresholds: dict[str, float | None] = {}
     for name, cells in libraries:
         where = f"sample {sample!r}, library {name!r}"
-        s, c, thresholds[name] = _doublets_in(counts, passed & cells, where, cfg, seed, backend)
+        s, c, thresholds[name] = _doublets_in(
+            counts, passed & cells, where, cfg, seed, backend, int(cells.sum())
+        )
         score[cells], called[cells] = s[cells], c[cells]
     return score, called, thresholds
 
@@ -539,6 +596,13 @@ def qc_sample(adata: ad.AnnData, cfg: Config, *, device: torch.device | str = "c
             if (fixed_min := fixed_bounds(q, adata.n_vars)["min_genes"]) is None
             else fixed_min,
             "doublet_threshold": _none_if_missing(doublet_threshold),
+            "doublet_rate": (
+                "none"
+                if q.doublets != "scrublet"
+                else doublet_rate(q.expected_doublet_rate, adata.n_obs)
+                if libraries is None
+                else {n: doublet_rate(q.expected_doublet_rate, int(m.sum())) for n, m in libraries}
+            ),
             "failed": bool(failed),
             "dropped": dropped,
         }
@@ -625,6 +689,12 @@ def merge_qc(units: Sequence[ad.AnnData], cfg: Config) -> StageResult:
         for k in info["thresholds"]:
             row[f"rule_{k}"] = rules.get(k, "")
         row["doublet_threshold"] = _threshold_cell(info["doublet_threshold"])
+        rate = info.get("doublet_rate", "none")
+        row["doublet_rate"] = (
+            "; ".join(f"{k}={v:.4g}" for k, v in rate.items())
+            if isinstance(rate, dict)
+            else (np.nan if rate == "none" else rate)
+        )
         row["dropped"] = bool(info["dropped"])
         rows.append(row)
         per_sample[info["sample"]] = {k: v for k, v in info.items() if k != "sample"}
