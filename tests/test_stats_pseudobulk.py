@@ -116,3 +116,36 @@ def test_clr_and_log_ratio() -> None:
     assert share["s2"] == 0.0
     with pytest.raises(ValueError):
         clr(counts, 0.0)
+
+
+def test_deseq2_refuses_non_integer_counts() -> None:
+    """Counts are never rounded silently before PyDESeq2: a normalised value is an error
+    naming it; whole numbers stored as floats (pseudobulk sums) pass."""
+    cdf, meta, _ = _nb_cohort(1)
+    as_float = cdf.astype(np.float64)
+    res, _ = deseq2_contrasts(as_float, meta, [("acute", "baseline")], n_cpus=1)
+    assert len(res[("acute", "baseline")]) == cdf.shape[1]
+    bad = as_float.copy()
+    bad.iloc[3, 5] += 0.4
+    with pytest.raises(ValueError, match=r"integer counts.*1 value\(s\).*g5"):
+        deseq2_contrasts(bad, meta, [("acute", "baseline")], n_cpus=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        deseq2_contrasts(-as_float, meta, [("acute", "baseline")], n_cpus=1)
+
+
+def test_pseudobulk_de_stops_on_non_integer_counts() -> None:
+    """The stage's DE refuses pseudobulks of non-integer values (e.g. layers['counts']
+    replaced by normalised values) before any fit, with what to do."""
+    from anndata import AnnData
+
+    from pipeline.config import Config
+    from pipeline.errors import InputError
+    from pipeline.stages.differential import pseudobulk_de
+
+    cfg = Config()
+    cdf, meta, _ = _nb_cohort(2)
+    obs = meta.assign(cell_type="NK", n_cells=50)
+    x = cdf.to_numpy(dtype=np.float64) / 3.0
+    pb = AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=cdf.columns))
+    with pytest.raises(InputError, match=r"non-integer value.*never rounded silently"):
+        pseudobulk_de(pb, cfg.design.contrasts, cfg.differential)

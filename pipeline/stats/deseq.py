@@ -55,6 +55,12 @@ def deseq2_contrasts(
     -------
     A table per contrast with :data:`DE_COLUMNS` (sorted by p-value), and the
     warnings PyDESeq2 raised (e.g. a dispersion trend that fell back to the mean).
+
+    Raises
+    ------
+    ValueError
+        A count is negative, not finite or not a whole number (to 1e-6): counts
+        are never rounded silently.
     """
     from pydeseq2.dds import DeseqDataSet
     from pydeseq2.default_inference import DefaultInference
@@ -68,7 +74,20 @@ def deseq2_contrasts(
     by_ref: dict[str, list[str]] = {}
     for test, ref in contrasts:
         by_ref.setdefault(ref, []).append(test)
-    cnt = counts.round().astype(np.int64)
+    values = counts.to_numpy(dtype=np.float64)
+    if values.size and (np.any(values < 0) or not np.all(np.isfinite(values))):
+        raise ValueError("DESeq2 needs non-negative finite counts")
+    off = np.abs(values - np.rint(values))
+    if values.size and off.max() > 1e-6:
+        where = np.unravel_index(int(off.argmax()), values.shape)
+        raise ValueError(
+            "DESeq2 needs integer counts (summed raw UMI counts); "
+            f"{int((off > 1e-6).sum())} value(s) are not whole numbers, e.g. "
+            f"{values[where]:.6g} (pseudobulk {counts.index[where[0]]!r}, gene "
+            f"{counts.columns[where[1]]!r}). Normalised or corrected-and-unrounded values are "
+            "not counts; they are never rounded silently"
+        )
+    cnt = pd.DataFrame(np.rint(values).astype(np.int64), index=counts.index, columns=counts.columns)
     logger = logging.getLogger("pydeseq2")
     old_level = logger.level
     logger.setLevel(logging.ERROR)

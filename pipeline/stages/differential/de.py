@@ -127,6 +127,14 @@ def pseudobulk_de(
     dropped: list[dict[str, str]] = []
     obs = pb.obs
     x = pb.X.tocsr() if sp.issparse(pb.X) else sp.csr_matrix(pb.X)
+    frac = np.abs(x.data - np.rint(x.data))
+    if frac.size and frac.max() > 1e-6:
+        raise InputError(
+            f"differential: the pseudobulks hold {int((frac > 1e-6).sum())} non-integer value(s) "
+            f"(e.g. {x.data[int(frac.argmax())]:.6g}): layers['{keys.COUNTS}'] must hold raw "
+            "integer UMI counts for PyDESeq2, and they are never rounded silently. Was the layer "
+            "replaced by normalised or corrected values? Set differential.deseq: false to skip DE"
+        )
     cell_types = _categories(obs[keys.CELL_TYPE])
     for ct in progress(cell_types, desc="pseudobulk DE (PyDESeq2)", unit="cell type"):
         in_ct = (obs[keys.CELL_TYPE].astype(str) == ct).to_numpy()
