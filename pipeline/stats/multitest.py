@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["bh_adjust"]
+__all__ = ["bh_adjust", "bh_by_family"]
 
 
 def bh_adjust(p_values: ArrayLike) -> NDArray[np.float64]:
@@ -38,4 +38,33 @@ def bh_adjust(p_values: ArrayLike) -> NDArray[np.float64]:
     q = np.empty(m)
     q[order] = np.minimum(q_sorted, 1.0)
     out[ok] = q
+    return out
+
+
+def bh_by_family(p_values: ArrayLike, families: ArrayLike) -> NDArray[np.float64]:
+    """BH q-values computed separately within each family of tests.
+
+    The FDR is controlled within each family: the number of tests ``m`` of a
+    p-value's adjustment is the number of finite p-values with the same family
+    label, whatever else (contrast, cell type) the rows differ in.
+
+    Parameters
+    ----------
+    p_values
+        Raw p-values in [0, 1]; NaN stays NaN and is not counted.
+    families
+        One label per p-value (e.g. ``primary``, ``exploratory``, ``control``).
+
+    Returns
+    -------
+    :func:`bh_adjust` of each family's p-values, in the input order.
+    """
+    p = np.asarray(p_values, dtype=np.float64).ravel()
+    fam = np.asarray(families, dtype=object).ravel()
+    if fam.shape != p.shape:
+        raise ValueError(f"p_values and families differ in length ({p.size} vs {fam.size})")
+    out = np.full(p.shape, np.nan)
+    for label in dict.fromkeys(fam.tolist()):
+        m = fam == label
+        out[m] = bh_adjust(p[m])
     return out

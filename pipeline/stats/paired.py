@@ -1,9 +1,10 @@
-"""Paired tests across donors: paired t (effect, Cohen's dz, CI) and Wilcoxon signed-rank.
+"""Paired tests across donors: paired t (effect, Cohen's dz, CI), Wilcoxon signed-rank,
+and a global test of no change across three or more timepoints (Hotelling's T^2).
 
 Each donor contributes one value per timepoint (e.g. the mean signature score
-of its cells of one type); the test is on the donors' differences
-``d_i = test_i - reference_i``, so the donor, never the cell, is the unit of
-replication.
+of its cells of one type); the tests are on the donors' within-donor
+differences (``d_i = test_i - reference_i``), so the donor, never the cell, is
+the unit of replication.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-__all__ = ["PairedResult", "paired_test"]
+__all__ = ["PairedResult", "RepeatedMeasuresResult", "paired_test", "repeated_measures_test"]
 
 #: Differences whose spread is below this (relative to their scale) count as constant.
 _CONSTANT_RTOL = 1e-12
@@ -142,3 +143,120 @@ def paired_test(reference: ArrayLike, test: ArrayLike, *, alpha: float = 0.05) -
         p_value=p,
         p_wilcoxon=p_w,
     )
+
+
+@dataclass(frozen=True)
+class RepeatedMeasuresResult:
+    """Outcome of :func:`repeated_measures_test` (NaN where a value is undefined).
+
+    Attributes
+    ----------
+    n
+        Donors with a finite value at every timepoint (the donors used).
+    k
+        Timepoints.
+    t2
+        Hotelling's T^2 of the ``k - 1`` within-donor differences.
+    statistic
+        The exact F transform ``(n - k + 1) / ((k - 1) (n - 1)) * T^2``.
+    df1, df2
+        Its degrees of freedom, ``k - 1`` and ``n - k + 1``.
+    p_value
+        ``P(F(df1, df2) >= statistic)``.
+    method
+        ``hotelling_t2``.
+    note
+        Why the test values are NaN (empty when they are defined).
+    """
+
+    n: int
+    k: int
+    t2: float
+    statistic: float
+    df1: float
+    df2: float
+    p_value: float
+    method: str = "hotelling_t2"
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (one table row)."""
+        return asdict(self)
+
+
+def repeated_measures_test(values: ArrayLike) -> RepeatedMeasuresResult:
+    """Global test of "no change across all timepoints" on donor-level values.
+
+    Hotelling's one-sample T^2 on each donor's ``k - 1`` differences from the
+    first timepoint, ``d_i = (y_i2 - y_i1, ..., y_ik - y_i1)``: under
+    ``H0: E[d_i] = 0``, ``F = (n - k + 1) / ((k - 1)(n - 1)) T^2`` follows
+    ``F(k - 1, n - k + 1)`` exactly when the differences are multivariate
+    normal, whatever their covariance.
+
+    Why this test: the repeated-measures ANOVA F (and a mixed model with a
+    random donor intercept, whose implied covariance is compound symmetric)
+    assumes sphericity, equal variances of all pairwise differences. Donors
+    respond unequally to an intervention (a post-exercise sample varies more
+    between donors than a baseline), and then that F rejects too often; the
+    Greenhouse-Geisser correction is approximate. T^2 leaves the k x k
+    covariance free, so its level is exact without sphericity; it is invariant
+    to the reference timepoint (any full-rank set of within-donor contrasts
+    gives the same T^2). Its cost: only donors with every timepoint enter,
+    ``n >= k`` of them are needed (``df2 = n - k + 1 >= 1``), and with few
+    donors it has less power than the spherical F when sphericity holds.
+
+    Parameters
+    ----------
+    values
+        Array of shape ``(n_donors, k)``: one row per donor, one column per
+        timepoint (the first column is the reference of the differences; the
+        result does not depend on which). Donors with a non-finite value are
+        left out.
+
+    Returns
+    -------
+    :class:`RepeatedMeasuresResult`. With ``k < 2`` timepoints, fewer than
+    ``k`` complete donors, or differences whose covariance is singular (e.g.
+    constant differences), the test values are NaN and ``note`` says why.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    if y.ndim != 2:
+        raise ValueError(f"values must be 2-D (donors x timepoints), got shape {y.shape}")
+    k = int(y.shape[1])
+    y = y[np.isfinite(y).all(axis=1)]
+    n = int(y.shape[0])
+    nan = math.nan
+    p = k - 1
+    if k < 2:
+        return RepeatedMeasuresResult(n, k, nan, nan, nan, nan, nan, note="fewer than 2 timepoints")
+    if n < k:
+        return RepeatedMeasuresResult(
+            n,
+            k,
+            nan,
+            nan,
+            float(p),
+            nan,
+            nan,
+            note=f"{n} donor(s) with all {k} timepoints: Hotelling's T^2 needs at least {k}",
+        )
+    d = y[:, 1:] - y[:, :1]
+    dbar = d.mean(axis=0)
+    cov = np.atleast_2d(np.cov(d, rowvar=False, ddof=1))
+    eig = np.linalg.eigvalsh(cov)
+    scale = max(float(np.abs(y).max()), 1.0) ** 2
+    if not eig.min() > _CONSTANT_RTOL * max(float(eig.max()), scale):
+        return RepeatedMeasuresResult(
+            n,
+            k,
+            nan,
+            nan,
+            float(p),
+            float(n - p),
+            nan,
+            note="within-donor differences have a singular covariance (constant or collinear): no test",
+        )
+    t2 = float(n * dbar @ np.linalg.solve(cov, dbar))
+    f = t2 * (n - p) / (p * (n - 1))
+    pval = float(stats.f.sf(f, p, n - p))
+    return RepeatedMeasuresResult(n, k, t2, float(f), float(p), float(n - p), pval)

@@ -1,4 +1,5 @@
-"""Shared helpers of the differential stage: table shapes, dropped rows, BH within groups."""
+"""Shared helpers of the differential stage: table shapes, dropped rows, BH within groups,
+testing families."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from numpy.typing import NDArray
 
 from ... import keys
 from ...errors import InputError
-from ...stats.multitest import bh_adjust
+from ...stats.multitest import bh_adjust, bh_by_family
 
 if TYPE_CHECKING:
     from ...config import Contrast
@@ -21,6 +23,17 @@ if TYPE_CHECKING:
 SCORE_PREFIX = "score_"
 #: ``uns["immuneage"]`` key of the signatures (name -> genes used) written by ``score``.
 SIGNATURES_KEY = "signatures"
+#: ``uns["immuneage"]`` key of the signature roles (name -> ``programme`` | ``control``) of ``score``.
+ROLES_KEY = "signature_roles"
+#: Role of a signature scored as a sample-handling control (e.g. ``ieg_dissociation``).
+ROLE_CONTROL = "control"
+#: FDR families of the signature tables (``family`` column).
+FAMILY_PRIMARY, FAMILY_EXPLORATORY, FAMILY_CONTROL, FAMILY_ALL = (
+    "primary",
+    "exploratory",
+    "control",
+    "all",
+)
 #: Columns that key the covariates CSV and are never covariates themselves.
 COVARIATE_KEYS = (keys.SAMPLE, keys.DONOR, keys.TIMEPOINT)
 
@@ -66,6 +79,76 @@ def _bh_within(table: pd.DataFrame, by: str, columns: Iterable[str]) -> pd.DataF
     for group in table[by].unique():
         m = (table[by] == group).to_numpy()
         table.loc[m, "q_value"] = bh_adjust(table.loc[m, "p_value"].to_numpy(dtype=float))
+    return table[list(columns)]
+
+
+def signature_roles(adata: AnnData) -> dict[str, str]:
+    """Signature name -> role (``programme`` or ``control``) as written by ``score``.
+
+    Read from ``uns["immuneage"]["signature_roles"]``; empty when absent (every
+    signature is then a programme).
+    """
+    info = adata.uns.get(keys.UNS, {})
+    roles = info.get(ROLES_KEY, {}) if isinstance(info, Mapping) else {}
+    return {str(k): str(v) for k, v in dict(roles).items()}
+
+
+def pair_families(
+    pairs: pd.DataFrame,
+    primary: Mapping[str, Iterable[str]] | None,
+    roles: Mapping[str, str] | None = None,
+) -> NDArray[np.object_]:
+    """The FDR family of each cell type x signature pair.
+
+    Parameters
+    ----------
+    pairs
+        Columns ``cell_type``, ``signature`` and optionally ``lineage`` (the
+        cell type's ``obs["cell_type_coarse"]``; blank or absent: unknown).
+    primary
+        ``differential.primary``: lineage or cell type name -> signatures.
+        ``None``: one family ``all``.
+    roles
+        Signature -> role (:func:`signature_roles`); a ``control`` signature
+        is in family ``control`` whatever ``primary`` says (a sample-handling
+        control is not a hypothesis, and with ``primary`` null too).
+
+    Returns
+    -------
+    ``control`` for control signatures; else ``all`` when ``primary`` is
+    ``None``; else ``primary`` when the cell type or its lineage lists the
+    signature, ``exploratory`` otherwise.
+    """
+    roles = roles or {}
+    n = len(pairs)
+    cts = pairs[keys.CELL_TYPE].astype(str).to_numpy()
+    sigs = pairs["signature"].astype(str).to_numpy()
+    lin = (
+        pairs["lineage"].fillna("").astype(str).to_numpy()
+        if "lineage" in pairs.columns
+        else np.full(n, "", dtype=object)
+    )
+    listed = {str(k): {str(s) for s in v} for k, v in (primary or {}).items()}
+    out = np.empty(n, dtype=object)
+    for i in range(n):
+        if roles.get(sigs[i]) == ROLE_CONTROL:
+            out[i] = FAMILY_CONTROL
+        elif primary is None:
+            out[i] = FAMILY_ALL
+        elif sigs[i] in listed.get(cts[i], ()) or (lin[i] and sigs[i] in listed.get(lin[i], ())):
+            out[i] = FAMILY_PRIMARY
+        else:
+            out[i] = FAMILY_EXPLORATORY
+    return out
+
+
+def _bh_by_family(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """Add ``q_value``: BH over all rows of each ``family`` (across contrasts)."""
+    table["q_value"] = (
+        bh_by_family(table["p_value"].to_numpy(dtype=float), table["family"].to_numpy())
+        if len(table)
+        else np.array([], dtype=float)
+    )
     return table[list(columns)]
 
 

@@ -1,4 +1,5 @@
-"""Design checks of the differential stage: donors per contrast, config vs sheet."""
+"""Design checks of the differential stage: donors per contrast, config vs sheet,
+the primary hypotheses (``differential.primary``) vs the marker panel and gene sets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from scipy import stats
 
 from ... import keys
 from ...errors import InputError
@@ -24,9 +26,10 @@ def check_config(cfg: Config, sheet: Any) -> None:
     Called by :func:`pipeline.preflight.validate_inputs` when ``differential``
     will run. Checks the design against the sample sheet (some contrast must
     have ``differential.min_donors`` donors sampled at both of its timepoints,
-    as :func:`run_differential` requires) and the covariates table
+    as :func:`run_differential` requires), the covariates table
     (``differential.covariates`` against the sheet's samples,
-    ``differential.covariate_columns`` against its columns).
+    ``differential.covariate_columns`` against its columns) and
+    ``differential.primary`` (:func:`check_primary`).
 
     Raises
     ------
@@ -34,9 +37,10 @@ def check_config(cfg: Config, sheet: Any) -> None:
         No contrast can be tested (the message gives the donors counted per
         contrast against ``min_donors`` and how to run the stages before this
         one only); ``covariate_columns`` without a covariates file; as
-        :func:`read_covariates`.
+        :func:`read_covariates` and :func:`check_primary`.
     """
     dcfg = cfg.differential
+    check_primary(cfg)
     contrasts = list(cfg.design.contrasts)
     samples = _sheet_samples(sheet)
     both = contrast_donors(samples, contrasts)
@@ -131,12 +135,14 @@ def design_warnings(cfg: Config, sheet: Any) -> list[str]:
 
     Returns
     -------
-    One text per short contrast (not issued).
+    One text per short contrast, one for the contrasts with fewer than
+    :data:`FEW_DONORS` donors (:func:`few_donors_warning`), and those of
+    :func:`check_primary` (none is issued).
     """
     contrasts = list(cfg.design.contrasts)
     need = cfg.differential.min_donors
     both = contrast_donors(_sheet_samples(sheet), contrasts)
-    return [
+    texts = [
         f"differential: contrast {c} has {len(both[c.name])} donor(s) with samples at both "
         f"{c.reference} and {c.test} in {sheet.path} (differential.min_donors = {need}): it "
         "yields no test rows (tables/differential_dropped.tsv says why); the other contrasts "
@@ -144,3 +150,127 @@ def design_warnings(cfg: Config, sheet: Any) -> list[str]:
         for c in contrasts
         if len(both[c.name]) < need
     ]
+    few = few_donors_warning({str(c): len(both[c.name]) for c in contrasts}, min_donors=need)
+    return texts + ([few] if few else []) + check_primary(cfg)
+
+
+#: Fewer donors than this: a paired t-test with under 4 df; its CI is wide (warned).
+FEW_DONORS = 5
+
+
+def few_donors_warning(n_donors: Mapping[str, int], *, min_donors: int) -> str | None:
+    """One warning for the contrasts tested with fewer than :data:`FEW_DONORS` donors.
+
+    ``differential.min_donors`` (default 3) lets a paired t-test run with
+    ``n - 1 = 2`` degrees of freedom: it is valid, but its 95% CI is
+    ``t(0.975, n - 1)`` standard errors wide each side (4.30 with 2 df against
+    1.96 with many donors) and only large effects reach significance.
+
+    Parameters
+    ----------
+    n_donors
+        Contrast label -> the donors it is tested with (the design's count, or
+        the smallest ``n_donors`` of its rows).
+    min_donors
+        ``differential.min_donors``: contrasts below it are not tested (said
+        elsewhere) and not named here.
+
+    Returns
+    -------
+    The text (not issued), or ``None`` when no tested contrast has fewer than
+    :data:`FEW_DONORS` donors.
+    """
+    few = {c: n for c, n in n_donors.items() if max(min_donors, 2) <= n < FEW_DONORS}
+    if not few:
+        return None
+    z = stats.norm.ppf(0.975)
+    parts = [
+        f"{c}: {n} donors, {n - 1} df, 95% CI +/- {stats.t.ppf(0.975, n - 1):.2f} SE"
+        for c, n in few.items()
+    ]
+    return (
+        f"differential: {len(few)} contrast(s) tested with fewer than {FEW_DONORS} donors "
+        f"({'; '.join(parts)}; +/- {z:.2f} SE with many donors): the confidence intervals are "
+        "wide and only large effects can reach significance. differential.min_donors = "
+        f"{min_donors} allows these tests; {FEW_DONORS} or more donors per contrast are "
+        "advisable"
+    )
+
+
+def check_primary(cfg: Config) -> list[str]:
+    """Check ``differential.primary`` against the gene sets and the marker panel.
+
+    The rules (the signature shifts' ``primary`` family is only as good as
+    these names):
+
+    - a signature that is no gene set anywhere (built-in, ``score.gmt``,
+      ``score.custom``) is a typo: :class:`InputError`;
+    - a known set that this run does not score (not selected in
+      ``score.genesets``, e.g. a reduced list with the default ``primary``)
+      forms no primary pair: a warning;
+    - a key that is neither a lineage, a cell type nor a parent type of the
+      shipped marker panel is an :class:`InputError` when the shipped panel
+      annotates (a typo there would silently leave the family empty); with a
+      user panel (``annotate.markers``) or a CellTypist model the data's
+      names may differ from the shipped defaults, so a key unknown to that
+      panel is a warning (it forms no primary pair unless the data has a cell
+      type or lineage of that name).
+
+    Returns
+    -------
+    The warning texts (not issued); empty with ``primary: null``.
+
+    Raises
+    ------
+    InputError
+        As above.
+    """
+    from ...genesets import builtin_sets, sets_from_config
+    from ...markers import load_marker_panel
+
+    primary = cfg.differential.primary
+    if primary is None:
+        return []
+    out: list[str] = []
+    scfg = cfg.score
+    scored = set(sets_from_config(scfg.genesets, scfg.gmt, scfg.custom))
+    known = scored | set(builtin_sets())
+    listed = {s for sigs in primary.values() for s in sigs}
+    unknown = sorted(listed - known)
+    if unknown:
+        raise InputError(
+            f"differential.primary names signature(s) {', '.join(map(repr, unknown))} that are "
+            "no gene set (built-in: see `immuneage genesets`; or score.gmt / score.custom); "
+            f"fix the names or remove them. Scored in this run: {', '.join(sorted(scored))}"
+        )
+    unscored = sorted(listed - scored)
+    if unscored:
+        out.append(
+            f"differential.primary names signature(s) not scored in this run "
+            f"({', '.join(unscored)}; score.genesets / score.gmt / score.custom): they form no "
+            "primary pairs"
+        )
+    acfg = cfg.annotate
+    panel = load_marker_panel(acfg.markers)
+    names = set(panel.lineages.values()) | set(panel.names) | set(panel.parents.values())
+    odd = sorted(set(map(str, primary)) - names)
+    if odd and acfg.markers is None and acfg.celltypist_model is None:
+        raise InputError(
+            f"differential.primary names {', '.join(map(repr, odd))}, neither a lineage nor a "
+            f"cell type of the shipped marker panel (lineages: "
+            f"{', '.join(sorted(set(panel.lineages.values())))}; cell types: "
+            f"{', '.join(panel.names)}); fix the names or remove them"
+        )
+    if odd:
+        source = (
+            f"the CellTypist model {acfg.celltypist_model}"
+            if acfg.celltypist_model is not None
+            else f"the marker panel {acfg.markers}"
+        )
+        out.append(
+            f"differential.primary names {', '.join(map(repr, odd))}, no lineage or cell type of "
+            f"{source} (checked against "
+            f"{'the shipped panel' if acfg.markers is None else 'it'}): they form no primary "
+            "pairs unless the annotated data has a cell type or lineage of that name"
+        )
+    return out
