@@ -5,36 +5,64 @@ Two uses:
 - :func:`mixed_timepoint_test`: ``y ~ timepoint + (1 | donor)`` for one
   contrast, using every donor with at least one of the two timepoints (the
   alternative to the paired t-test when donors miss timepoints);
-- :func:`covariate_association`: ``y ~ covariate [+ timepoint] + (1 | donor)``,
-  the association of a per-donor-timepoint value with a sample covariate.
+- :func:`covariate_association`: ``y ~ c_within + c_between [+ timepoint] +
+  (1 | donor)``, the association of a per-donor-timepoint value with a sample
+  covariate, split into a within-donor part (the covariate centred on each
+  donor's mean: do a donor's samples with more of the covariate score higher?)
+  and a between-donor part (the donor means: do donors with more of it score
+  higher?). Timepoint is a fixed effect by default, so a covariate and a score
+  that both merely change with time are not associated.
 
 Degrees of freedom. statsmodels reports Wald z tests, which are anti-conservative
-with the ~13 donors of a typical study. The timepoint effect is estimated within
-donors, so its t reference has the "between-within" df
-``n_obs - n_donors - 1`` (with complete pairs this reproduces the paired t-test:
-``n - 1`` df). A covariate may vary mostly between donors, so its t reference
-has the conservative ``n_donors - n_fixed`` df.
+with the ~13 donors of a typical study; here every slope has a t reference with
+"between-within" df (SAS ``DDFM=BW``). An effect estimated within donors (the
+timepoint effect, the within-donor covariate slope) has ``n_obs - n_donors -
+k_within`` df, ``k_within`` the number of within-donor fixed parameters (with
+complete pairs the timepoint test reproduces the paired t-test: ``n - 1`` df).
+The between-donor slope has ``n_donors - 2`` df (intercept and slope: a
+regression of donor means; conservative when donors contribute unequal numbers
+of observations).
 
-Fits are REML. When ``MixedLM`` fails (an exception or non-finite estimates)
-the timepoint test falls back to OLS with donor fixed effects (the same within-
-donor comparison) and the covariate test to OLS with donor-clustered (CR1)
-standard errors and ``n_donors - 1`` df (valid whatever the within-donor
-correlation; a donor variance at the boundary, the usual cause of a failed
-fit, makes the mixed model and OLS coincide); ``method`` and ``note`` say so.
+Fits are REML. Each optimiser of ``optimizers`` (default
+:data:`DEFAULT_OPTIMIZERS`, config ``differential.mixed_optimizers``) is tried
+in its own ``fit`` call, from statsmodels' default start, until one converges:
+no exception, the converged flag set, no convergence warning other than the
+donor variance at its boundary (0), finite estimates and positive fixed-effect
+variances. ``method`` names the optimiser that converged (``mixedlm:lbfgs``)
+and ``note`` the ones that failed and why. Only when all fail does the
+timepoint test fall back to OLS with donor fixed effects (the same within-donor
+comparison) and the covariate test to OLS with donor-clustered (CR1) standard
+errors and ``n_donors - 1`` df (valid whatever the within-donor correlation);
+``method`` and ``note`` say so.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["CovariateResult", "MixedResult", "covariate_association", "mixed_timepoint_test"]
+__all__ = [
+    "DEFAULT_OPTIMIZERS",
+    "OPTIMIZERS",
+    "CovariateResult",
+    "MixedResult",
+    "covariate_association",
+    "mixed_timepoint_test",
+]
+
+#: statsmodels ``MixedLM.fit`` methods that may be tried (gradient-based and derivative-free).
+OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm", "cg")
+#: The optimisers tried, in order, when none are given (= ``differential.mixed_optimizers``).
+DEFAULT_OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm")
+
+Component = Literal["within", "between"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +88,11 @@ class MixedResult:
     p_value
         Two-sided p-value (t, between-within df).
     method
-        ``mixedlm`` or ``ols_donor_fixed`` (fallback).
+        ``mixedlm:<optimiser>`` (the optimiser that converged) or
+        ``ols_donor_fixed`` (every optimiser failed).
     note
-        Fallback reason, boundary fit, or why values are NaN.
+        Optimisers that failed and why, the fallback reason, a boundary fit,
+        or why values are NaN.
     """
 
     n_donors: int
@@ -85,29 +115,38 @@ class MixedResult:
 
 @dataclass(frozen=True)
 class CovariateResult:
-    """Outcome of :func:`covariate_association` (NaN where undefined).
+    """One component of :func:`covariate_association` (NaN where undefined).
 
     Attributes
     ----------
+    component
+        ``within`` (slope on the donor-centred covariate: change of the value
+        with the covariate inside a donor) or ``between`` (slope on the donor
+        mean of the covariate: difference between donors).
     n_donors, n_obs
         Donors and observations used.
     slope
-        Change of ``y`` per unit of the covariate.
+        Change of ``y`` per unit of the covariate (component).
     ci_low, ci_high
         Its ``1 - alpha`` CI.
+    df
+        Degrees of freedom of the slope's t reference.
     p_value
         Two-sided p-value of the slope.
     method
-        ``mixedlm`` or ``ols_cluster`` (fallback: OLS, donor-clustered standard errors).
+        ``mixedlm:<optimiser>``, ``ols_cluster`` (fallback: OLS, donor-clustered
+        standard errors) or ``none``.
     note
-        Fallback reason or why values are NaN.
+        Optimisers that failed, fallback reason, or why values are NaN.
     """
 
+    component: Component
     n_donors: int
     n_obs: int
     slope: float
     ci_low: float
     ci_high: float
+    df: float
     p_value: float
     method: str
     note: str = ""
@@ -122,32 +161,87 @@ def _is_constant(y: np.ndarray) -> bool:
     return y.size == 0 or float(np.ptp(y)) <= 1e-12 * scale
 
 
-def _fit_mixedlm(formula: str, data: pd.DataFrame) -> tuple[Any, str]:
-    """REML MixedLM fit with a donor random intercept; returns (result, note)."""
-    import statsmodels.formula.api as smf
+def _optimizers(optimizers: Sequence[str] | None) -> tuple[str, ...]:
+    opts = DEFAULT_OPTIMIZERS if optimizers is None else tuple(optimizers)
+    bad = [o for o in opts if o not in OPTIMIZERS]
+    if not opts or bad:
+        raise ValueError(
+            f"optimizers must be a non-empty list of {', '.join(OPTIMIZERS)}; got {list(opts)}"
+        )
+    return opts
+
+
+def _check_fit(res: Any, caught: list[warnings.WarningMessage]) -> str:
+    """Why a MixedLM fit is not usable ('' when it is); raises nothing."""
     from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
-    note = ""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = smf.mixedlm(formula, data, groups=data["donor"])
-        res = model.fit(reml=True, method=["lbfgs", "powell"])
-    msgs = [str(w.message) for w in caught]
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        if any("boundary" in m or "singular" in m for m in msgs):
-            note = "donor variance estimated at 0 (boundary fit)"
-        else:
-            note = "MixedLM convergence warning: " + msgs[0].splitlines()[0]
+    conv = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    boundary = any("boundary" in m for m in conv)
+    # at the boundary the Hessian of the donor variance is not negative definite: expected
+    other = [m for m in conv if "boundary" not in m and not (boundary and "Hessian" in m)]
+    if not res.converged:
+        return "did not converge"
+    if other:
+        return other[0].splitlines()[0]
     if not np.all(np.isfinite(np.asarray(res.params))):
-        raise FloatingPointError("non-finite MixedLM estimates")
+        return "non-finite estimates"
     # the fixed effects' variances, checked before statsmodels takes their square roots
     # (res.bse_fe): a degenerate fit has negative ones, whose sqrt is NaN with a RuntimeWarning
     var_fe = np.diag(np.asarray(res.cov_params()))[: len(res.fe_params)]
     if not np.all(np.isfinite(var_fe) & (var_fe > 0)):
-        raise FloatingPointError(
-            "MixedLM fixed-effect variances are not positive (a degenerate fit)"
-        )
-    return res, note
+        return "fixed-effect variances are not positive (a degenerate fit)"
+    return ""
+
+
+def _fit_mixedlm(
+    y: np.ndarray, exog: pd.DataFrame, groups: np.ndarray, optimizers: Sequence[str]
+) -> tuple[Any, str, str]:
+    """REML MixedLM with a random intercept per group, each optimiser in its own attempt.
+
+    Parameters
+    ----------
+    y
+        Response.
+    exog
+        Fixed-effect design (with the intercept column); its column names name
+        the estimates.
+    groups
+        Donor of each row.
+    optimizers
+        ``MixedLM.fit`` methods, tried in order.
+
+    Returns
+    -------
+    The result, the optimiser that converged, and a note (optimisers that
+    failed before it; a boundary fit).
+
+    Raises
+    ------
+    RuntimeError
+        Every optimiser failed (the message lists each one's reason).
+    """
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    model = MixedLM(y, exog, groups=groups)
+    failed: list[str] = []
+    for opt in optimizers:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                res = model.fit(reml=True, method=opt)
+                why = _check_fit(res, caught)
+            except Exception as exc:  # any failure of this optimiser: try the next
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if why:
+            failed.append(f"{opt} failed ({why})")
+            continue
+        notes = []
+        if failed:
+            notes.append("; ".join(failed) + f"; {opt} converged")
+        if any("boundary" in str(w.message) for w in caught):
+            notes.append("donor variance estimated at 0 (boundary fit)")
+        return res, opt, "; ".join(notes)
+    raise RuntimeError("every MixedLM optimiser failed: " + "; ".join(failed))
 
 
 def mixed_timepoint_test(
@@ -157,6 +251,7 @@ def mixed_timepoint_test(
     *,
     value: str = "y",
     alpha: float = 0.05,
+    optimizers: Sequence[str] | None = None,
 ) -> MixedResult:
     """Test ``test - reference`` with ``value ~ timepoint + (1 | donor)``.
 
@@ -171,12 +266,21 @@ def mixed_timepoint_test(
         Column holding the response.
     alpha
         The CI is ``1 - alpha``.
+    optimizers
+        statsmodels ``MixedLM.fit`` methods tried one by one until one
+        converges (:data:`OPTIMIZERS`); ``None``: :data:`DEFAULT_OPTIMIZERS`.
 
     Returns
     -------
     :class:`MixedResult`. NaN p-value (with ``note``) when the response is
     constant or there are no within-donor degrees of freedom.
+
+    Raises
+    ------
+    ValueError
+        An unknown optimiser name.
     """
+    opts = _optimizers(optimizers)
     d = data.loc[
         data["timepoint"].astype(str).isin([reference, test]), ["donor", "timepoint", value]
     ]
@@ -199,18 +303,20 @@ def mixed_timepoint_test(
         return empty(f"{n_paired} donor(s) observed at both timepoints: no within-donor test")
     if _is_constant(d["y"].to_numpy()):
         return empty("values are constant (zero variance): no test")
-    method, note = "mixedlm", ""
     y_mean, y_sd = float(d["y"].mean()), float(d["y"].std())
     d["y"] = (d["y"] - y_mean) / y_sd  # well-conditioned fit; rescaled below
+    exog = pd.DataFrame({"Intercept": 1.0, "x": d["x"]}, index=d.index)
     try:
-        res, note = _fit_mixedlm("y ~ x", d)
+        res, opt, note = _fit_mixedlm(d["y"].to_numpy(), exog, d["donor"].to_numpy(), opts)
         est, se = float(res.fe_params["x"]), float(res.bse_fe["x"])
-    except Exception as exc:
-        import statsmodels.formula.api as smf
+        method = f"mixedlm:{opt}"
+    except RuntimeError as exc:
+        import statsmodels.api as sm
 
         method = "ols_donor_fixed"
-        note = f"MixedLM failed ({type(exc).__name__}: {exc}); OLS with donor fixed effects"
-        ols = smf.ols("y ~ x + C(donor)", d).fit()
+        note = f"{exc}; OLS with donor fixed effects"
+        donors = pd.get_dummies(d["donor"], drop_first=True, dtype=float)
+        ols = sm.OLS(d["y"], pd.concat([exog, donors], axis=1)).fit()
         est, se = float(ols.params["x"]), float(ols.bse["x"])
     est, se = est * y_sd, se * y_sd
     if not se > 0 or not math.isfinite(se):
@@ -237,15 +343,29 @@ def mixed_timepoint_test(
     )
 
 
+def _residual_share(x: np.ndarray, basis: np.ndarray) -> float:
+    """Norm of ``x`` left after least-squares projection on ``basis``, relative to ``x``'s."""
+    norm = float(np.linalg.norm(x))
+    if norm == 0.0:
+        return 0.0
+    coef, *_ = np.linalg.lstsq(basis, x, rcond=None)
+    return float(np.linalg.norm(x - basis @ coef)) / norm
+
+
 def covariate_association(
     data: pd.DataFrame,
     *,
     value: str = "y",
     covariate: str = "covariate",
-    adjust_timepoint: bool = False,
+    adjust_timepoint: bool = True,
     alpha: float = 0.05,
-) -> CovariateResult:
-    """Association of ``value`` with ``covariate``: ``value ~ covariate + (1 | donor)``.
+    optimizers: Sequence[str] | None = None,
+) -> tuple[CovariateResult, CovariateResult]:
+    """Within- and between-donor association of ``value`` with ``covariate``.
+
+    The model is ``value ~ c_within + c_between [+ C(timepoint)] + (1 | donor)``
+    with ``c_between`` the donor's mean of the covariate (over the rows used)
+    and ``c_within = covariate - c_between``.
 
     Parameters
     ----------
@@ -256,19 +376,40 @@ def covariate_association(
     value, covariate
         Column names of the response and the covariate.
     adjust_timepoint
-        Add timepoint as a fixed effect (the association then comes from
-        variation at equal timepoints only).
+        Add timepoint as a fixed effect: the association then comes from
+        variation at equal timepoints only (without it, a covariate and a
+        value that both change with time are associated although unrelated).
     alpha
         The CI is ``1 - alpha``.
+    optimizers
+        statsmodels ``MixedLM.fit`` methods tried one by one until one
+        converges (:data:`OPTIMIZERS`); ``None``: :data:`DEFAULT_OPTIMIZERS`.
 
     Returns
     -------
-    :class:`CovariateResult`; the slope's t reference has ``n_donors - n_fixed``
-    df (conservative). Falls back to OLS with donor-clustered standard errors
-    (``method="ols_cluster"``, with ``note``) when the mixed model cannot be
-    fitted or fewer than 3 donors have repeated observations.
+    The ``within`` and the ``between`` :class:`CovariateResult`. The within
+    slope's t reference has ``n_obs - n_donors - k_within`` df (``k_within``:
+    1, plus ``n_timepoints - 1`` when adjusting), the between slope's
+    ``n_donors - 2``. A component is NaN (with ``note``) when the covariate
+    does not vary that way: no within-donor variation left after timepoint
+    (e.g. a donor-level covariate such as age, or one that only tracks time),
+    or equal donor means. Falls back to OLS with donor-clustered standard
+    errors (``method="ols_cluster"``, ``n_donors - 1`` df, with ``note``) when
+    every optimiser fails or fewer than 3 donors have repeated observations.
+
+    Raises
+    ------
+    ValueError
+        A missing column or an unknown optimiser name.
     """
+    opts = _optimizers(optimizers)
     cols = ["donor", value, covariate] + (["timepoint"] if adjust_timepoint else [])
+    absent = [c for c in cols if c not in data.columns]
+    if absent:
+        raise ValueError(
+            f"covariate_association: data lacks column(s) {', '.join(absent)}"
+            + (" (adjust_timepoint=True needs 'timepoint')" if "timepoint" in absent else "")
+        )
     d = data[cols].copy()
     d = d[
         np.isfinite(d[value].to_numpy(dtype=float))
@@ -276,56 +417,106 @@ def covariate_association(
     ]
     d = d.rename(columns={value: "y", covariate: "c"})
     d["donor"] = d["donor"].astype(str)
+    if adjust_timepoint:
+        d["timepoint"] = d["timepoint"].astype(str)
     n_obs, n_donors = len(d), int(d["donor"].nunique())
+    n_tp = int(d["timepoint"].nunique()) if adjust_timepoint else 1
+    k_within = 1 + (n_tp - 1)
+    df_within, df_between = n_obs - n_donors - k_within, n_donors - 2
     nan = math.nan
-    formula = "y ~ c" + (" + C(timepoint)" if adjust_timepoint else "")
-    n_fixed = 2 + (int(d["timepoint"].nunique()) - 1 if adjust_timepoint else 0)
-    if n_obs < n_fixed + 2 or n_donors < 3:
-        return CovariateResult(n_donors, n_obs, nan, nan, nan, nan, "none", "too few observations")
+
+    def both(note: str, method: str = "none") -> tuple[CovariateResult, CovariateResult]:
+        w = CovariateResult("within", n_donors, n_obs, nan, nan, nan, nan, nan, method, note)
+        b = CovariateResult("between", n_donors, n_obs, nan, nan, nan, nan, nan, method, note)
+        return w, b
+
+    if n_obs < k_within + 3 or n_donors < 3:
+        return both("too few observations")
     if _is_constant(d["y"].to_numpy()):
-        return CovariateResult(
-            n_donors,
-            n_obs,
-            nan,
-            nan,
-            nan,
-            nan,
-            "none",
-            "values are constant (zero variance): no test",
-        )
+        return both("values are constant (zero variance): no test")
     if _is_constant(d["c"].to_numpy()):
-        return CovariateResult(
-            n_donors, n_obs, nan, nan, nan, nan, "none", "covariate is constant: no test"
-        )
-    # centre and scale both variables for a well-conditioned fit; slope rescaled after
+        return both("covariate is constant: no test")
+    # centre and scale both variables for a well-conditioned fit; slopes rescaled after
     y_sd, c_sd = float(d["y"].std()), float(d["c"].std())
     d["y"] = (d["y"] - d["y"].mean()) / y_sd
     d["c"] = (d["c"] - d["c"].mean()) / c_sd
+    d["c_between"] = d.groupby("donor")["c"].transform("mean")
+    d["c_within"] = d["c"] - d["c_between"]
+    donors = pd.get_dummies(d["donor"], dtype=float).to_numpy()
+    tps = pd.get_dummies(d["timepoint"], dtype=float).to_numpy() if adjust_timepoint else None
+    within_basis = donors if tps is None else np.column_stack([donors, tps])
+    why_not: dict[str, str] = {}
+    if _residual_share(d["c_within"].to_numpy(), within_basis) < 1e-6:
+        why_not["within"] = (
+            "the covariate does not vary within donors"
+            + (" beyond timepoint" if adjust_timepoint else "")
+            + ": no within-donor slope"
+        )
+    if _is_constant(d.groupby("donor")["c_between"].first().to_numpy()):
+        why_not["between"] = "donors' mean covariate values are equal: no between-donor slope"
+    terms = [t for t in ("within", "between") if t not in why_not]
+    if not terms:
+        return both("; ".join(why_not.values()))
+    exog = pd.concat(
+        [
+            pd.DataFrame({"Intercept": 1.0}, index=d.index),
+            d[[f"c_{t}" for t in terms]],
+            pd.get_dummies(d["timepoint"], prefix="tp", drop_first=True, dtype=float)
+            if adjust_timepoint
+            else None,
+        ],
+        axis=1,
+    )
     repeated = int((d.groupby("donor").size() >= 2).sum())
+    fits: dict[str, tuple[float, float]] = {}
     try:
         if repeated < 3:
-            raise ValueError(
+            raise RuntimeError(
                 f"{repeated} donor(s) with repeated observations: donor variance not estimable"
             )
-        res, note = _fit_mixedlm(formula, d)
-        est, se = float(res.fe_params["c"]), float(res.bse_fe["c"])
-        method, df_t = "mixedlm", max(n_donors - n_fixed, 1)
-    except Exception as exc:
-        import statsmodels.formula.api as smf
+        res, opt, note = _fit_mixedlm(d["y"].to_numpy(), exog, d["donor"].to_numpy(), opts)
+        method = f"mixedlm:{opt}"
+        dfs = {"within": float(df_within), "between": float(df_between)}
+        for t in terms:
+            fits[t] = (float(res.fe_params[f"c_{t}"]), float(res.bse_fe[f"c_{t}"]))
+    except RuntimeError as exc:
+        import statsmodels.api as sm
 
         groups = pd.factorize(d["donor"])[0]
-        ols = smf.ols(formula, d).fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
-        est, se = float(ols.params["c"]), float(ols.bse["c"])
-        method, df_t = "ols_cluster", max(n_donors - 1, 1)
-        note = (
-            f"MixedLM could not be fitted ({type(exc).__name__}: {exc}); OLS with "
-            "donor-clustered standard errors"
+        ols = sm.OLS(d["y"], exog).fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        method = "ols_cluster"
+        dfs = {"within": float(n_donors - 1), "between": float(n_donors - 1)}
+        for t in terms:
+            fits[t] = (float(ols.params[f"c_{t}"]), float(ols.bse[f"c_{t}"]))
+        note = f"MixedLM could not be fitted ({exc}); OLS with donor-clustered standard errors"
+
+    out: dict[str, CovariateResult] = {}
+    for t in ("within", "between"):
+        if t not in fits:
+            out[t] = CovariateResult(
+                t, n_donors, n_obs, nan, nan, nan, nan, nan, "none", why_not[t]
+            )
+            continue
+        est, se = (v * y_sd / c_sd for v in fits[t])
+        df_t = dfs[t]
+        if df_t < 1 or not se > 0 or not math.isfinite(se):
+            why = "no degrees of freedom" if df_t < 1 else "zero standard error"
+            out[t] = CovariateResult(
+                t,
+                n_donors,
+                n_obs,
+                est,
+                nan,
+                nan,
+                df_t,
+                nan,
+                method,
+                (note + "; " if note else "") + why,
+            )
+            continue
+        p = float(2.0 * stats.t.sf(abs(est / se), df_t))
+        half = float(stats.t.ppf(1 - alpha / 2, df_t)) * se
+        out[t] = CovariateResult(
+            t, n_donors, n_obs, est, est - half, est + half, df_t, p, method, note
         )
-    est, se = est * y_sd / c_sd, se * y_sd / c_sd
-    if not se > 0 or not math.isfinite(se):
-        return CovariateResult(
-            n_donors, n_obs, est, nan, nan, nan, method, note + "; zero standard error"
-        )
-    p = float(2.0 * stats.t.sf(abs(est / se), df_t))
-    half = float(stats.t.ppf(1 - alpha / 2, df_t)) * se
-    return CovariateResult(n_donors, n_obs, est, est - half, est + half, p, method, note)
+    return out["within"], out["between"]
