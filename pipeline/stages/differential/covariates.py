@@ -1,9 +1,21 @@
-"""(d) Covariates: per-sample covariates (e.g. plasma betaine) vs signature means."""
+"""(d) Covariates: per-sample covariates (e.g. plasma betaine) vs signature means.
+
+Each cell type x signature x covariate is one mixed model
+(:func:`~pipeline.stats.mixed.covariate_association`),
+``mean score ~ c_within + c_between + C(timepoint) + (1 | donor)``: timepoint
+adjusted by default, the covariate split into its within-donor (donor-centred)
+and between-donor (donor mean) parts. The table is long: one row per component.
+For a paired design the ``within`` rows are the primary question (does a
+donor's score follow their own covariate across samples, at equal timepoints?);
+the ``between`` rows compare donors (confounded by anything that differs
+between donors, and with ``n_donors - 2`` df).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,9 +23,6 @@ import pandas as pd
 from ... import keys
 from ...errors import InputError
 from ...stats.mixed import covariate_association
-
-if TYPE_CHECKING:
-    pass
 from ._common import (
     COVARIATE_KEYS,
     _bh_within,
@@ -21,17 +30,25 @@ from ._common import (
     _frame,
 )
 
+#: Columns of ``covariate_associations``: one row per covariate x component x cell type x
+#: signature. ``component``: ``within`` (slope on the donor-centred covariate) or ``between``
+#: (slope on the donor mean); ``adjusted_for``: ``timepoint`` or ``none``; ``df``: of the
+#: slope's t reference; ``family``: ``<covariate>:<component>``, the BH family of ``q_value``.
 COVARIATE_COLUMNS = (
     "covariate",
+    "component",
     "cell_type",
     "signature",
+    "adjusted_for",
     "n_donors",
     "n_obs",
     "slope",
     "ci_low",
     "ci_high",
+    "df",
     "p_value",
     "q_value",
+    "family",
     "method",
     "note",
 )
@@ -125,9 +142,14 @@ def covariate_associations(
     covariates: pd.DataFrame,
     *,
     min_donors: int = 3,
-    adjust_timepoint: bool = False,
+    adjust_timepoint: bool = True,
+    optimizers: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Mixed model ``mean score ~ covariate + (1 | donor)`` per type x signature x covariate.
+    """Within- and between-donor association of signature means with each covariate.
+
+    The model per cell type x signature x covariate is ``mean score ~ c_within +
+    c_between [+ C(timepoint)] + (1 | donor)`` (see
+    :func:`~pipeline.stats.mixed.covariate_association`).
 
     Parameters
     ----------
@@ -138,16 +160,21 @@ def covariate_associations(
     min_donors
         Fewer donors with a usable value: no test (dropped row).
     adjust_timepoint
-        Add timepoint as a fixed effect.
+        Add timepoint as a fixed effect (association at equal timepoints).
+    optimizers
+        MixedLM optimisers tried one by one (``differential.mixed_optimizers``);
+        ``None``: :data:`~pipeline.stats.mixed.DEFAULT_OPTIMIZERS`.
 
     Returns
     -------
-    The ``covariate_associations`` table (:data:`COVARIATE_COLUMNS`, BH over
-    cell types x signatures within each covariate) and the dropped rows.
+    The ``covariate_associations`` table (:data:`COVARIATE_COLUMNS`; q-values by
+    BH over the cell types x signatures of one covariate and one component,
+    the ``family`` column) and the dropped rows.
     """
     dropped: list[dict[str, str]] = []
     rows: list[dict[str, Any]] = []
     ok = means.loc[means["passes_min_cells"].astype(bool)]
+    adjusted_for = keys.TIMEPOINT if adjust_timepoint else "none"
     for cov in covariates.columns:
         vals = covariates[cov]
         for s in vals.index[vals.isna()]:
@@ -171,23 +198,31 @@ def covariate_associations(
                     )
                 )
                 continue
-            r = covariate_association(
-                d, value="mean_score", covariate="covariate", adjust_timepoint=adjust_timepoint
-            )
-            rows.append(
-                {
-                    "covariate": cov,
-                    "cell_type": ct,
-                    "signature": sig,
-                    "n_donors": r.n_donors,
-                    "n_obs": r.n_obs,
-                    "slope": r.slope,
-                    "ci_low": r.ci_low,
-                    "ci_high": r.ci_high,
-                    "p_value": r.p_value,
-                    "method": r.method,
-                    "note": r.note,
-                }
-            )
+            for r in covariate_association(
+                d,
+                value="mean_score",
+                covariate="covariate",
+                adjust_timepoint=adjust_timepoint,
+                optimizers=optimizers,
+            ):
+                rows.append(
+                    {
+                        "covariate": cov,
+                        "component": r.component,
+                        "cell_type": ct,
+                        "signature": sig,
+                        "adjusted_for": adjusted_for,
+                        "n_donors": r.n_donors,
+                        "n_obs": r.n_obs,
+                        "slope": r.slope,
+                        "ci_low": r.ci_low,
+                        "ci_high": r.ci_high,
+                        "df": r.df,
+                        "p_value": r.p_value,
+                        "family": f"{cov}:{r.component}",
+                        "method": r.method,
+                        "note": r.note,
+                    }
+                )
     table = _frame(rows, [c for c in COVARIATE_COLUMNS if c != "q_value"])
-    return _bh_within(table, "covariate", COVARIATE_COLUMNS), dropped
+    return _bh_within(table, "family", COVARIATE_COLUMNS), dropped
