@@ -233,7 +233,10 @@ def check_primary(cfg: Config) -> list[str]:
         return []
     out: list[str] = []
     scfg = cfg.score
-    scored = set(sets_from_config(scfg.genesets, scfg.gmt, scfg.custom))
+    try:
+        scored = set(sets_from_config(scfg.genesets, scfg.gmt, scfg.custom))
+    except InputError:  # the score section's own check reports it (when score runs)
+        return out
     known = scored | set(builtin_sets())
     listed = {s for sigs in primary.values() for s in sigs}
     unknown = sorted(listed - known)
@@ -251,7 +254,10 @@ def check_primary(cfg: Config) -> list[str]:
             "primary pairs"
         )
     acfg = cfg.annotate
-    panel = load_marker_panel(acfg.markers)
+    try:
+        panel = load_marker_panel(acfg.markers)
+    except InputError:  # a broken panel is annotate's to report (when annotate runs)
+        return out
     names = set(panel.lineages.values()) | set(panel.names) | set(panel.parents.values())
     odd = sorted(set(map(str, primary)) - names)
     if odd and acfg.markers is None and acfg.celltypist_model is None:
