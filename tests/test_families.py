@@ -9,6 +9,7 @@ default ``differential.primary`` over lineage-named cell types and the default g
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from types import SimpleNamespace
@@ -225,7 +226,7 @@ def _run(a: ad.AnnData, **diff):
     return res, [str(w.message) for w in caught if issubclass(w.category, ImmuneageWarning)]
 
 
-def test_any_pairwise_contrast_end_to_end_with_families() -> None:
+def test_any_pairwise_contrast_end_to_end_with_families(tmp_path) -> None:
     res, msgs = _run(_scored())
     sh = res.tables["signature_shifts"]
     names = ["acute_vs_baseline", "longterm_vs_baseline", "longterm_vs_acute"]
@@ -275,7 +276,8 @@ def test_any_pairwise_contrast_end_to_end_with_families() -> None:
     )
     info = res.adata.uns["immuneage"]["differential"]
     assert info["signature_families"] == sh["family"].value_counts().to_dict()
-    assert info["n_global_tests"] == len(g)
+    assert info["n_global_tests"] == len(g) and json.loads(info["primary"]) == DEFAULT_PRIMARY
+    res.adata.write_h5ad(tmp_path / "pb.h5ad")  # the summary is writable
     assert not any("fewer than 5 donors" in m for m in msgs)
     # primary: null puts every programme in one family "all"
     res_null, _ = _run(_scored(), primary=None)
