@@ -220,6 +220,74 @@ def test_composition_effects_visible(cells) -> None:
     assert (naive["longterm"] - naive["baseline"]).median() > 0
 
 
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC: P(a pos value > a neg value), ties counted half."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(pos, neg).statistic) / (pos.size * neg.size)
+
+
+def test_transient_state_only_at_its_timepoint(cells, truth: dict) -> None:
+    """The planted one-timepoint state: labelled only there, and only its cells express it."""
+    from pipeline.markers import load_marker_panel
+
+    st = truth["transient_state"]
+    _, obs, symbols, counts = cells
+    state = obs["state"].fillna("").to_numpy() != ""
+    assert set(obs.loc[state, "state"]) == {st["key"]}
+    assert set(obs.loc[state, "timepoint"]) == {st["timepoint"]}
+    assert set(obs.loc[state, "cell_type"]) == {st["cell_type"]}
+    assert int(state.sum()) == st["n_cells"] > 0
+    assert sum(s["n_transient_state"] for s in truth["samples"]) == st["n_cells"]
+    # its share of the type at the timepoint is the planted probability (4 binomial sd)
+    at = ((obs["cell_type"] == st["cell_type"]) & (obs["timepoint"] == st["timepoint"])).to_numpy()
+    n, f = int(at.sum()), st["share_of_type"]
+    assert abs(state.sum() - n * f) <= 4 * np.sqrt(n * f * (1 - f)), (int(state.sum()), n, f)
+    # a state within its type: its own genes are no panel marker, none of its genes
+    # (own or shifted granzymes) is in a gene set, so no planted programme truth moves
+    assert not set(st["genes"]) & set(load_marker_panel().genes())
+    in_sets = {g for p in truth["programmes"].values() for g in p["genes"]}
+    assert not (set(st["genes"]) | set(st["shifted_log2fc_in_state"])) & in_sets
+    # in the counts: the state's own genes per 10k UMIs, singlet good-quality cells of the type
+    clean = ~(obs["is_doublet"] | obs["is_low_quality"]).to_numpy()
+    typ = clean & (obs["cell_type"] == st["cell_type"]).to_numpy()
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    gi = [symbols.index(g) for g in st["genes"]]
+    score = 1e4 * np.asarray(counts[:, gi].sum(axis=1)).ravel() / lib
+    other_tp = typ & ~at
+    rest_at = typ & at & ~state
+    assert (typ & state).sum() >= 10 and other_tp.sum() >= 10 and rest_at.sum() >= 10
+    # state cells stand out from the type at the other timepoints ...
+    assert _auc(score[typ & state], score[other_tp]) > 0.95
+    # ... while the unlabelled cells of the type at the state's timepoint do not
+    # (|AUC - 1/2| within 4 null sd of the Mann-Whitney statistic)
+    n1, n2 = int(rest_at.sum()), int(other_tp.sum())
+    null_sd = np.sqrt((n1 + n2 + 1) / (12 * n1 * n2))
+    assert abs(_auc(score[rest_at], score[other_tp]) - 0.5) < 4 * null_sd
+
+
+def test_transient_state_off_changes_only_its_cells() -> None:
+    """Without the state every cell but the state's has the same counts (separate streams)."""
+    from pipeline.datasets import _simulate as sim
+    from pipeline.datasets.demo import _transient_truth
+
+    on = sim.build_cohort(0, 800)
+    off = sim.build_cohort(0, 800, transient_state=False)
+    assert off.transient_state is None and _transient_truth(off, []) is None
+    n_state = 0
+    for spec in on.samples:
+        a, b = sim.simulate_sample(on, spec.index), sim.simulate_sample(off, spec.index)
+        assert not b.in_state.any()
+        assert (spec.timepoint == on.transient_state.timepoint) or not a.in_state.any()
+        assert np.array_equal(a.barcodes, b.barcodes)
+        assert np.array_equal(a.cell_type, b.cell_type)
+        s = a.in_state
+        assert (a.counts[~s] != b.counts[~s]).nnz == 0, spec.sample
+        assert (np.asarray((a.counts[s] != b.counts[s]).sum(axis=1)).ravel() > 0).all()
+        n_state += int(s.sum())
+    assert n_state > 0
+
+
 def test_deterministic(demo: DemoCohort, tmp_path: Path) -> None:
     again = demo_cohort(tmp_path / "again", size="ci", seed=0)
     cmp = filecmp.dircmp(demo.outdir, again.outdir)

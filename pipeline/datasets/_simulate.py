@@ -15,20 +15,33 @@ Counts are negative-binomial (gamma-Poisson) draws around per-cell means::
 - ``a_s``, ``soup[d]``: the ambient fraction of the sample and the donor's soup
   (cells at the donor's base composition, plus haemoglobin), timepoint-free.
 
+The transient state (``simulator.yaml``, :class:`TransientState`): at one
+timepoint only, each cell of one type is, with a fixed probability, in a state
+whose profile is the type's ``Q[s, t]`` with the state genes raised to a target
+level (renormalised). It is the only per-cell (not per-type) expression effect.
+
 Randomness: one ``SeedSequence(seed, spawn_key=(0,))`` stream draws every
 cohort-level parameter (small: types x genes, donors x genes, ...); sample ``i``
 draws its cells from ``SeedSequence(seed, spawn_key=(1, i))``, so samples can
-be generated one at a time in bounded memory.
+be generated one at a time in bounded memory. The transient state has streams
+of its own (``(2,)`` for its gene levels, ``(3, i)`` for sample ``i``'s state
+membership and its state cells' counts): every draw above is the same with or
+without it, so a cohort without the state (``build_cohort(...,
+transient_state=False)``) has, cell for cell, the counts of the one with it
+except in the state cells.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.resources import files
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import yaml
 
 from ._resources import CellTypeSpec, load_cell_types, load_genes, load_programmes
 
@@ -40,6 +53,7 @@ __all__ = [
     "Cohort",
     "SampleCells",
     "SampleSpec",
+    "TransientState",
     "build_cohort",
     "simulate_sample",
 ]
@@ -124,6 +138,97 @@ class SampleSpec:
     plasma_betaine_um: float
 
 
+@dataclass(frozen=True)
+class TransientState:
+    """A cell state present at one timepoint only, within one cell type (``simulator.yaml``).
+
+    Attributes
+    ----------
+    key, name
+        Identifier and description.
+    cell_type, type_index
+        The type whose cells can be in the state (they stay that type).
+    timepoint
+        The only timepoint with state cells.
+    share_of_type
+        Probability that a cell of the type, at that timepoint, is in the state.
+    genes, gene_index
+        The state's own genes (symbols, and their columns), off in the type.
+    target
+        Per state gene, the share of the profile (of ``Q``) it reaches in a state
+        cell: ``umi / (MEDIAN_UMI * library_size_factor)``, ``umi`` log-normal
+        around ``umi_per_gene``. A gene already above it keeps its level.
+    umi
+        The expected UMIs per state cell of each gene at the type's median library.
+    shifted, shift_index, shift_log2fc
+        Genes of the type's own profile raised or lowered in the state (log2 fold).
+    """
+
+    key: str
+    name: str
+    cell_type: str
+    type_index: int
+    timepoint: str
+    share_of_type: float
+    genes: tuple[str, ...]
+    gene_index: np.ndarray
+    target: np.ndarray
+    umi: np.ndarray
+    shifted: tuple[str, ...] = ()
+    shift_index: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    shift_log2fc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def profile(self, q: np.ndarray, mito: np.ndarray) -> np.ndarray:
+        """The state's profile from the type's profile ``q`` (non-MT share kept)."""
+        out = q.copy()
+        out[self.shift_index] *= np.exp2(self.shift_log2fc)
+        gi = self.gene_index
+        out[gi] = np.maximum(q[gi], self.target)
+        out[~mito] *= q[~mito].sum() / out[~mito].sum()
+        return out
+
+
+@lru_cache(maxsize=1)
+def _state_spec() -> dict:
+    text = files("pipeline.datasets").joinpath("data", "simulator.yaml").read_text()
+    return dict(yaml.safe_load(text)["transient_state"])
+
+
+def _transient_state(
+    seed: int, genes: pd.DataFrame, cts: tuple[CellTypeSpec, ...]
+) -> TransientState:
+    """The state of ``simulator.yaml`` with its gene levels (own random stream)."""
+    spec = _state_spec()
+    names = [ct.name for ct in cts]
+    if spec["cell_type"] not in names or spec["timepoint"] not in TIMEPOINTS[1:]:
+        raise ValueError(f"simulator.yaml transient_state: unknown type or timepoint {spec}")
+    idx = {s: i for i, s in enumerate(genes["symbol"])}
+    shifted = dict(spec.get("shifted") or {})
+    missing = [g for g in [*spec["genes"], *shifted] if g not in idx]
+    if missing:
+        raise ValueError(f"simulator.yaml transient_state: genes not in genes.tsv: {missing}")
+    t = names.index(spec["cell_type"])
+    rng = _rng(seed, 2)
+    umi = np.exp(
+        _draw(rng, float(spec["umi_per_gene"]), float(spec["umi_log_sd"]), len(spec["genes"]))
+    )
+    return TransientState(
+        key=str(spec["key"]),
+        name=str(spec["name"]),
+        cell_type=names[t],
+        type_index=t,
+        timepoint=str(spec["timepoint"]),
+        share_of_type=float(spec["share_of_type"]),
+        genes=tuple(spec["genes"]),
+        gene_index=np.array([idx[g] for g in spec["genes"]]),
+        target=umi / (MEDIAN_UMI * cts[t].library_size_factor),
+        umi=umi,
+        shifted=tuple(shifted),
+        shift_index=np.array([idx[g] for g in shifted], dtype=int),
+        shift_log2fc=np.array([float(v) for v in shifted.values()]),
+    )
+
+
 @dataclass
 class Cohort:
     """Everything drawn at cohort level; the per-sample draws need only this and the seed."""
@@ -145,6 +250,7 @@ class Cohort:
     donor_response: dict[str, np.ndarray]  # timepoint -> donors
     gene_log2fc: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     samples: list[SampleSpec] = field(default_factory=list)
+    transient_state: TransientState | None = None
 
 
 @dataclass
@@ -157,6 +263,7 @@ class SampleCells:
     partner_cell_type: np.ndarray
     is_doublet: np.ndarray
     is_low_quality: np.ndarray
+    in_state: np.ndarray  # the cell (a doublet's first cell) is in the transient state
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -220,7 +327,7 @@ def _normalise_logit(logp: np.ndarray) -> np.ndarray:
     return w / w.sum(axis=-1, keepdims=True)
 
 
-def build_cohort(seed: int, n_cells: int) -> Cohort:
+def build_cohort(seed: int, n_cells: int, *, transient_state: bool = True) -> Cohort:
     """Draw every cohort-level parameter.
 
     Parameters
@@ -230,6 +337,9 @@ def build_cohort(seed: int, n_cells: int) -> Cohort:
         depends only on it, the per-sample cell numbers also on ``n_cells``.
     n_cells
         Total cells to spread over the 39 samples.
+    transient_state
+        Plant the one-timepoint cell state of ``simulator.yaml``; without it
+        every other draw is the same.
 
     Returns
     -------
@@ -291,6 +401,7 @@ def build_cohort(seed: int, n_cells: int) -> Cohort:
         base_proportions=base,
         donor_proportions=donor_props,
         donor_response=donor_response,
+        transient_state=_transient_state(seed, genes, cts) if transient_state else None,
     )
     type_idx = {ct.name: t for t, ct in enumerate(cts)}
     for tp, ct, prog, lfc in PLANTED_EFFECTS:
@@ -416,6 +527,12 @@ def simulate_sample(cohort: Cohort, index: int) -> SampleCells:
     v_cell = np.concatenate([np.arange(n), dbl])
     v_type = np.concatenate([types, partner])
     n_v = v_cell.size
+    state = cohort.transient_state
+    if state is not None and spec.timepoint == state.timepoint:
+        rng_state = _rng(cohort.seed, 3, index)
+        v_state = (v_type == state.type_index) & (rng_state.random(n_v) < state.share_of_type)
+    else:
+        rng_state, v_state = None, np.zeros(n_v, bool)
     v_lib = MEDIAN_UMI * spec.depth * lib_t[v_type] * np.exp(rng.normal(0.0, LIBRARY_SD, n_v))
     v_mt = spec.mito_factor * np.exp(rng.normal(0.0, 0.3, n_v))
     lq = np.flatnonzero(kind == 2)
@@ -444,6 +561,7 @@ def simulate_sample(cohort: Cohort, index: int) -> SampleCells:
                 q[t] *= np.exp2(lfc * r)
     soup = cohort.soups[d]
     a = spec.ambient
+    q_state = state.profile(q[state.type_index], mito) if rng_state is not None else None
 
     blocks: list[sp.csr_matrix] = []
     rows: list[np.ndarray] = []
@@ -455,7 +573,16 @@ def simulate_sample(cohort: Cohort, index: int) -> SampleCells:
             own = (1 - a) * q[t][None, :] * v_lib[m, None]
             own[:, mito] *= v_mt[m, None]
             mu = own + (a * v_lib[m])[:, None] * soup[None, :]
-            blocks.append(sp.csr_matrix(_nb(rng, mu, cohort.theta)))
+            block = _nb(rng, mu, cohort.theta)
+            in_state = np.flatnonzero(v_state[m])
+            if in_state.size:
+                # state cells redrawn from the state's stream: the main stream is unchanged
+                ms = m[in_state]
+                own = (1 - a) * q_state[None, :] * v_lib[ms, None]
+                own[:, mito] *= v_mt[ms, None]
+                mu = own + (a * v_lib[ms])[:, None] * soup[None, :]
+                block[in_state] = _nb(rng_state, mu, cohort.theta)
+            blocks.append(sp.csr_matrix(block))
             rows.append(m)
     v = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_g), dtype=np.int32)
     v_rows = np.concatenate(rows) if rows else np.zeros(0, int)
@@ -474,4 +601,5 @@ def simulate_sample(cohort: Cohort, index: int) -> SampleCells:
         partner_cell_type=partner_name,
         is_doublet=kind == 1,
         is_low_quality=kind == 2,
+        in_state=v_state[:n].copy(),
     )

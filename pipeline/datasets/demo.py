@@ -10,8 +10,8 @@ Output layout (paths in ``samplesheet.csv`` are relative to it)::
     outdir/
       samplesheet.csv        sample,donor,timepoint,path,age,batch
       covariates.csv         sample,donor,timepoint,plasma_betaine_um
-      truth.json             planted effects, programmes, markers, proportions
-      truth_cells.tsv.gz     sample,barcode,cell_type,partner_cell_type,is_doublet,is_low_quality
+      truth.json             planted effects, programmes, markers, proportions, transient state
+      truth_cells.tsv.gz     sample,barcode,cell_type,partner_cell_type,is_doublet,is_low_quality,state
       counts/D01_baseline.h5ad, counts/D01_acute.h5, counts/D01_longterm/ (matrix.mtx.gz ...)
 """
 
@@ -46,7 +46,7 @@ Size = Literal["ci", "default", "large"]
 SIZES: dict[str, int] = {"ci": 3_000, "default": 30_000, "large": 250_000}
 MAX_CELLS = 1_000_000
 MIN_CELLS = 39 * 20
-TRUTH_VERSION = 1
+TRUTH_VERSION = 2
 
 _OWN_FILES = frozenset(
     {"samplesheet.csv", "covariates.csv", "truth.json", "truth_cells.tsv.gz", "counts"}
@@ -59,6 +59,7 @@ _TRUTH_COLUMNS = (
     "partner_cell_type",
     "is_doublet",
     "is_low_quality",
+    "state",
 )
 
 
@@ -151,17 +152,19 @@ def _write_counts(adata: AnnData, path: Path, fmt: str) -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
-def _truth_lines(spec: sim.SampleSpec, cells: sim.SampleCells) -> str:
+def _truth_lines(spec: sim.SampleSpec, cells: sim.SampleCells, state_key: str) -> str:
     buf = io.StringIO()
+    state = np.where(cells.in_state, state_key, "")
     for row in zip(
         cells.barcodes,
         cells.cell_type,
         cells.partner_cell_type,
         cells.is_doublet,
         cells.is_low_quality,
+        state,
         strict=True,
     ):
-        buf.write(f"{spec.sample}\t{row[0]}\t{row[1]}\t{row[2]}\t{row[3]}\t{row[4]}\n")
+        buf.write(f"{spec.sample}\t" + "\t".join(map(str, row)) + "\n")
     return buf.getvalue()
 
 
@@ -169,14 +172,86 @@ def _r(x: float, nd: int = 6) -> float:
     return round(float(x), nd)
 
 
+def _state_log2fc(cohort: sim.Cohort) -> np.ndarray | None:
+    """Expected log2 fold change of the state's type's mean profile (all its cells) at its timepoint.
+
+    ``log2((1 - f) + f * state / type)`` on the base profile, ``f`` the state's
+    share of the type: what a pseudobulk of the type sees (``None`` without a state).
+    """
+    st = cohort.transient_state
+    if st is None:
+        return None
+    q = cohort.profiles[st.type_index]
+    mix = (1 - st.share_of_type) * q + st.share_of_type * st.profile(q, cohort.mito)
+    out = np.zeros(q.size)
+    gi = _state_genes(st)
+    out[gi] = np.log2(mix[gi] / q[gi])
+    return out
+
+
+def _state_genes(st: sim.TransientState) -> np.ndarray:
+    """Columns of the state's own and shifted genes."""
+    return np.concatenate([st.gene_index, st.shift_index]).astype(int)
+
+
+def _effect_log2fc(cohort: sim.Cohort) -> dict[tuple[str, int], np.ndarray]:
+    """Planted programme effects plus the transient state's mixture effect, per (timepoint, type)."""
+    out = {k: v.copy() for k, v in cohort.gene_log2fc.items()}
+    st, lfc = cohort.transient_state, _state_log2fc(cohort)
+    if st is not None and lfc is not None:
+        key = (st.timepoint, st.type_index)
+        v = out.setdefault(key, np.zeros(lfc.size))
+        gi = _state_genes(st)
+        v[gi] += lfc[gi]
+    return out
+
+
+def _transient_truth(cohort: sim.Cohort, per_sample: list[dict[str, Any]]) -> dict[str, Any] | None:
+    st = cohort.transient_state
+    if st is None:
+        return None
+    lfc = _state_log2fc(cohort)
+    t = st.type_index
+    at_tp = [s for s in cohort.samples if s.timepoint == st.timepoint]
+    n_state = sum(s["n_transient_state"] for s in per_sample)
+    n_tp = sum(s["n_cells"] for s in per_sample if s["timepoint"] == st.timepoint)
+    return {
+        "key": st.key,
+        "name": st.name,
+        "cell_type": st.cell_type,
+        "annotated_as": st.cell_type,
+        "kind": "state within a cell type (same markers; not a type of the marker panel)",
+        "timepoint": st.timepoint,
+        "contrast": f"{st.timepoint}_vs_baseline",
+        "share_of_type": st.share_of_type,
+        "expected_share_of_timepoint_cells": _r(
+            st.share_of_type * np.mean([s.proportions[t] for s in at_tp])
+        ),
+        "n_cells": int(n_state),
+        "share_of_timepoint_cells": _r(n_state / max(n_tp, 1)),
+        "genes": list(st.genes),
+        "expected_umi_per_cell": {g: _r(u, 3) for g, u in zip(st.genes, st.umi, strict=True)},
+        "shifted_log2fc_in_state": {
+            g: _r(v) for g, v in zip(st.shifted, st.shift_log2fc, strict=True)
+        },
+        "type_log2fc_at_timepoint": {
+            g: _r(lfc[i]) for g, i in zip([*st.genes, *st.shifted], _state_genes(st), strict=True)
+        },
+        "composition": "unchanged: the state is a share of its type's cells",
+        "truth_cells_column": "state",
+        "source": "simulator.yaml (Graff et al. 2018; Simpson et al. 2021)",
+    }
+
+
 def _programme_effects(cohort: sim.Cohort, sets: dict[str, list[str]]) -> list[dict[str, Any]]:
     """Expected mean log2 fold change of every contrast x cell type x gene set."""
     idx = {s: i for i, s in enumerate(cohort.genes["symbol"])}
     planted = {(tp, ct, prog) for tp, ct, prog, _ in sim.PLANTED_EFFECTS}
+    effects = _effect_log2fc(cohort)
     out = []
     for tp in sim.TIMEPOINTS[1:]:
         for t, ct in enumerate(cohort.cell_types):
-            lfc = cohort.gene_log2fc.get((tp, t))
+            lfc = effects.get((tp, t))
             for name, genes in sets.items():
                 v = np.zeros(len(genes)) if lfc is None else lfc[[idx[g] for g in genes]]
                 n_aff = int(np.count_nonzero(v))
@@ -214,7 +289,7 @@ def _truth(
         expected_props[tp] = {ct.name: _r(p) for ct, p in zip(cts, props, strict=True)}
     sym = cohort.genes["symbol"].to_numpy()
     gene_effects: dict[str, dict[str, dict[str, float]]] = {}
-    for (tp, t), lfc in sorted(cohort.gene_log2fc.items()):
+    for (tp, t), lfc in sorted(_effect_log2fc(cohort).items()):
         nz = np.flatnonzero(lfc)
         gene_effects.setdefault(f"{tp}_vs_baseline", {})[cts[t].name] = {
             str(sym[i]): _r(lfc[i]) for i in nz
@@ -287,6 +362,7 @@ def _truth(
         },
         "programme_effects": _programme_effects(cohort, sets),
         "gene_effects": gene_effects,
+        "transient_state": _transient_truth(cohort, per_sample),
         "donor_response": {
             f"{tp}_vs_baseline": {
                 d: _r(r) for d, r in zip(sim.DONORS, cohort.donor_response[tp], strict=True)
@@ -322,6 +398,7 @@ def demo_cohort(
     size: Size = "default",
     seed: int = 0,
     n_cells: int | None = None,
+    transient_state: bool = True,
 ) -> DemoCohort:
     """Write a synthetic 13-donor x 3-timepoint PBMC cohort with planted effects.
 
@@ -338,7 +415,12 @@ def demo_cohort(
     long-term raises naive CD4 and CD8 T abundance (x1.3). Each donor's
     response is scaled by a donor factor (mean 1, sd 0.25). Every other
     cell type x programme carries no effect; no nuisance effect depends on the
-    timepoint.
+    timepoint. At ``acute`` only, 30 % of the CD8 memory T cells are in a
+    transient CX3CR1+ effector state (nine genes outside every marker panel and
+    gene set switched on, granzymes and perforin up, GZMK down;
+    ``truth.json["transient_state"]``, ``state`` column of
+    ``truth_cells.tsv.gz``): a test case for integration (does the batch
+    correction keep a state that exists at one timepoint?).
 
     Samples are generated and written one at a time (sparse, in blocks of
     cells per type), so memory is bounded by the largest sample.
@@ -355,6 +437,9 @@ def demo_cohort(
         Same seed and size give byte-identical files; another seed gives other counts.
     n_cells
         Total cells (overrides the size's preset), from 780 to 1,000,000.
+    transient_state
+        Plant the one-timepoint state; ``False`` leaves every other cell's
+        counts unchanged (``truth.json["transient_state"]`` is then ``null``).
 
     Returns
     -------
@@ -386,7 +471,8 @@ def demo_cohort(
     _prepare_outdir(outdir)
     (outdir / "counts").mkdir()
 
-    cohort = sim.build_cohort(seed, n_total)
+    cohort = sim.build_cohort(seed, n_total, transient_state=transient_state)
+    state_key = cohort.transient_state.key if cohort.transient_state is not None else ""
     genes = cohort.genes
     per_sample: list[dict[str, Any]] = []
     truth_cells = outdir / "truth_cells.tsv.gz"
@@ -398,7 +484,7 @@ def demo_cohort(
         for spec in cohort.samples:
             cells = sim.simulate_sample(cohort, spec.index)
             _write_counts(_anndata(cells, genes), outdir / spec.path, spec.fmt)
-            gz.write(_truth_lines(spec, cells).encode())
+            gz.write(_truth_lines(spec, cells, state_key).encode())
             by_type = pd.Series(cells.cell_type[~cells.is_doublet]).value_counts()
             per_sample.append(
                 {
@@ -411,6 +497,7 @@ def demo_cohort(
                     "n_cells": int(cells.counts.shape[0]),
                     "n_doublets": int(cells.is_doublet.sum()),
                     "n_low_quality": int(cells.is_low_quality.sum()),
+                    "n_transient_state": int(cells.in_state.sum()),
                     "n_singlets_by_type": {
                         ct.name: int(by_type.get(ct.name, 0)) for ct in cohort.cell_types
                     },
