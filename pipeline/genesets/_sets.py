@@ -19,10 +19,12 @@ from pipeline.errors import InputError
 __all__ = [
     "ALIASES_FILE",
     "COLLECTION",
+    "ROLES",
     "GeneSet",
     "ResolvedSet",
     "builtin_collection",
     "builtin_sets",
+    "collection_version",
     "load_aliases",
     "read_gmt",
     "resolve_sets",
@@ -35,6 +37,9 @@ COLLECTION = "immune_ageing"
 #: The alias table shipped with the package.
 ALIASES_FILE = "hgnc_aliases.tsv"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+#: What a set measures: ``programme`` (biology, the default) or ``control`` (sample
+#: handling, e.g. ``ieg_dissociation``: scored and reported as a control, never a finding).
+ROLES = ("programme", "control")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class GeneSet:
         Version of the collection the set belongs to (e.g. ``immune_ageing/1``).
     label
         Human-readable title.
+    role
+        ``"programme"`` (a biological programme; every GMT / inline set) or
+        ``"control"`` (a sample-handling control such as ``ieg_dissociation``), from
+        the entry's ``role`` key in the collection.
     """
 
     name: str
@@ -60,6 +69,7 @@ class GeneSet:
     source: str
     version: str
     label: str = ""
+    role: str = "programme"
 
 
 @dataclass
@@ -90,26 +100,45 @@ def _collection() -> dict[str, Any]:
 
 
 def builtin_collection() -> dict[str, Any]:
-    """The raw built-in collection: ``{"version", "programmes": {...}, "reference_sets": {...}}``.
+    """The raw built-in collection.
 
-    Each set maps to ``{"label", "source", "genes"}``. A fresh copy on every call.
+    ``{"version", "programmes": {...}, "reference_sets": {...}, "changes": [...]}``;
+    each set maps to ``{"label", "source", "genes"}`` and optionally ``"role"``
+    (default ``"programme"``); ``changes`` lists, newest first, each version's
+    changes per set and why. A fresh copy on every call.
     """
     return copy.deepcopy(_collection())
 
 
+def collection_version() -> str:
+    """The built-in collection and its version, e.g. ``"immune_ageing/2"``."""
+    return f"{COLLECTION}/{_collection()['version']}"
+
+
 def builtin_sets() -> dict[str, GeneSet]:
-    """Every built-in set (programmes first, then reference sets) by name."""
+    """Every built-in set (programmes first, then reference sets) by name.
+
+    Raises
+    ------
+    ValueError
+        An entry whose ``role`` is not one of :data:`ROLES` (a broken package file).
+    """
     coll = _collection()
-    version = f"{COLLECTION}/{coll['version']}"
+    version = collection_version()
     out: dict[str, GeneSet] = {}
     for group in ("programmes", "reference_sets"):
         for name, entry in coll[group].items():
+            role = str(entry.get("role", "programme"))
+            if role not in ROLES:
+                msg = f"{COLLECTION}.yaml: set {name!r} has role {role!r}; expected one of {ROLES}"
+                raise ValueError(msg)
             out[name] = GeneSet(
                 name=name,
                 genes=tuple(dict.fromkeys(entry["genes"])),
                 source=" ".join(str(entry["source"]).split()),
                 version=version,
                 label=entry.get("label", name),
+                role=role,
             )
     return out
 
