@@ -12,14 +12,23 @@ from scipy import sparse
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.genesets import builtin_sets, load_aliases, read_gmt, resolve_sets
+from pipeline.genesets import (
+    builtin_sets,
+    collection_version,
+    load_aliases,
+    read_gmt,
+    resolve_sets,
+)
 from pipeline.kernels.scoring import gene_means, weighted_scores
 from pipeline.report.render import skipped_signatures_note
+from pipeline.stages.differential.covariates import read_covariates
 from pipeline.stages.score import (
+    SAMPLE_HANDLING_TABLE,
     SCORES_KEY,
     control_genes,
     expression_bins,
     run_score,
+    sample_handling_table,
     score_matrix,
 )
 
@@ -159,6 +168,15 @@ def test_stage_scores_coverage_and_outputs_with_old_symbols():
     assert cov.loc["tbk1_sting", "status"] == "scored"
     assert out.uns["immuneage"]["signatures"]["tbk1_sting"][0] == "MB21D1"
     assert res.provenance["sets"]["tbk1_sting"]["aliases_used"]["CGAS"] == "MB21D1"
+    # roles and the collection version are recorded; no sample column: no handling table
+    assert out.uns["immuneage"]["signature_roles"] == dict.fromkeys(
+        ["tbk1_sting", "t_naive", "mine"], "programme"
+    )
+    assert out.uns["immuneage"]["signature_versions"]["t_naive"] == collection_version()
+    assert out.uns["immuneage"]["signature_versions"]["mine"] == "config"
+    assert res.provenance["collection"] == collection_version()
+    assert cov.loc["t_naive", "version"] == collection_version()
+    assert "sample_handling" not in res.tables
     # scanpy on the alias-mapped genes gives the same score
     ref = a.copy()
     sc.tl.score_genes(ref, out.uns["immuneage"]["signatures"]["tbk1_sting"], score_name="r")
@@ -166,8 +184,10 @@ def test_stage_scores_coverage_and_outputs_with_old_symbols():
 
 
 def test_small_set_is_an_error_naming_missing_genes_or_skipped():
-    a = _with_symbols(["CCR7", "SELL", "TCF7"])
-    with pytest.raises(InputError, match=r"'t_naive' has 3 of its 7 genes.*LEF1, IL7R, CD27, CD28"):
+    naive = list(builtin_sets()["t_naive"].genes)
+    a = _with_symbols(naive[:3])
+    msg = rf"'t_naive' has 3 of its {len(naive)} genes.*{', '.join(naive[3:])}"
+    with pytest.raises(InputError, match=msg):
         run_score(a, _cfg(genesets=["t_naive"], on_small_set="error"))
     with pytest.warns(UserWarning, match="skipped"):
         res = run_score(
@@ -194,7 +214,8 @@ def test_small_set_is_an_error_naming_missing_genes_or_skipped():
 
 
 def test_small_sets_are_skipped_by_default_with_one_warning():
-    a = _with_symbols(["CCR7", "SELL", "TCF7", "IL1A", "CXCL8", "CCL2"])
+    naive = list(builtin_sets()["t_naive"].genes)
+    a = _with_symbols([*naive[:3], "IL1A", "CXCL8", "CCL2"])
     assert load_config(None).score.on_small_set == "skip"
     with pytest.warns(UserWarning, match="skipped") as caught:
         res = run_score(
@@ -202,7 +223,7 @@ def test_small_sets_are_skipped_by_default_with_one_warning():
         )
     msgs = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(msgs) == 1
-    assert "'t_naive' has 3 of its 7" in msgs[0] and "'sasp' has 3 of its 8" in msgs[0]
+    assert f"'t_naive' has 3 of its {len(naive)}" in msgs[0] and "'sasp' has 3 of its 8" in msgs[0]
     assert "IL6" in msgs[0] and "TNF" in msgs[0]
     cov = res.tables["signature_coverage"].set_index("signature")
     assert cov.loc["sasp", "status"] == "skipped: < 5 genes"
@@ -280,3 +301,92 @@ def test_genesets_command_lists_prints_and_exports(capsys, tmp_path):
     assert back["tbk1_sting"].genes == builtin_sets()["tbk1_sting"].genes
     assert main(["genesets", "nope"]) == 2
     assert "no built-in gene set 'nope'" in capsys.readouterr().err
+
+
+def _cohort_cells(symbols: list[str], *, seed: int = 0) -> ad.AnnData:
+    """2 donors x 2 timepoints, unequal cells per sample, two lineages (mono absent in one)."""
+    sizes = {"D1_baseline": 150, "D1_acute": 60, "D2_baseline": 90, "D2_acute": 120}
+    a = _with_symbols(symbols, n_cells=sum(sizes.values()), seed=seed)
+    rng = np.random.default_rng(seed)
+    sample = np.repeat(list(sizes), list(sizes.values()))
+    a.obs["sample"] = pd.Categorical(sample)
+    a.obs["donor"] = [s.split("_")[0] for s in sample]
+    a.obs["timepoint"] = [s.split("_")[1] for s in sample]
+    lineage = rng.choice(["T_CD4", "mono", "unassigned"], a.n_obs, p=[0.6, 0.3, 0.1])
+    lineage[(sample == "D2_baseline") & (lineage == "mono")] = "T_CD4"
+    a.obs["cell_type_coarse"] = pd.Categorical(lineage, categories=["T_CD4", "mono", "unassigned"])
+    return a
+
+
+def test_sample_handling_table_and_ieg_control_kept_out_of_nfkb(tmp_path):
+    sets = builtin_sets()
+    nfkb, ieg = list(sets["nfkb_inflammation"].genes), list(sets["ieg_dissociation"].genes)
+    moved = [g for g in ieg if g in {"FOS", "JUNB", "EGR1", "IER2", "IER3", "DUSP1", "NR4A1",
+                                     "ZFP36", "KLF6", "PPP1R15A", "CD69", "GADD45B"}]  # fmt: skip
+    a = _cohort_cells(nfkb + ieg)
+    cfg = _cfg(genesets=["nfkb_inflammation", "ieg_dissociation"], custom={"nfkb_v1": nfkb + moved})
+    before = run_score(a.copy(), cfg)
+    # a handling difference: immediate-early genes up by 1 (log scale) in every acute cell
+    acute = np.flatnonzero(a.obs["timepoint"].to_numpy() == "acute")
+    cols = [a.var_names.get_loc(g) for g in ieg]
+    x = a.X.toarray()
+    x[np.ix_(acute, cols)] += 1.0
+    a.X = sparse.csr_matrix(x)
+    res = run_score(a, cfg)
+    out = res.adata
+    assert out.uns["immuneage"]["signature_roles"] == {
+        "nfkb_inflammation": "programme",
+        "ieg_dissociation": "control",
+        "nfkb_v1": "programme",
+    }
+    assert (
+        res.tables["signature_coverage"].set_index("signature").loc["ieg_dissociation", "role"]
+        == "control"
+    )
+    assert res.provenance["sets"]["ieg_dissociation"]["role"] == "control"
+    # the NF-kB programme does not see handling (its controls exclude the IEG genes too);
+    # the version-1 list, with the moved genes, reads it as inflammation
+    np.testing.assert_allclose(
+        out.obs["score_nfkb_inflammation"], before.adata.obs["score_nfkb_inflammation"], atol=1e-12
+    )
+
+    def acute_minus_baseline(r) -> float:
+        s = r.adata.obs.groupby("timepoint", observed=True)["score_nfkb_v1"].mean()
+        return float(s["acute"] - s["baseline"])
+
+    # +1 on the moved genes, averaged over the set (the controls move both timepoints alike)
+    expected = len(moved) / len(nfkb + moved)
+    assert acute_minus_baseline(res) - acute_minus_baseline(before) > 0.5 * expected
+
+    table = res.tables[SAMPLE_HANDLING_TABLE]
+    assert list(table.columns) == [
+        "sample", "donor", "timepoint", "n_cells",
+        "ieg_dissociation", "ieg_dissociation_T_CD4", "ieg_dissociation_mono",
+    ]  # fmt: skip
+    obs = out.obs.assign(s=out.obs["score_ieg_dissociation"])
+    ref = obs.groupby("sample", observed=True)["s"].agg(["mean", "size"])
+    t = table.set_index("sample")
+    np.testing.assert_allclose(t["ieg_dissociation"], ref.loc[t.index, "mean"], rtol=1e-12)
+    np.testing.assert_array_equal(t["n_cells"], ref.loc[t.index, "size"])
+    by_lin = obs.groupby(["sample", "cell_type_coarse"], observed=True)["s"].mean()
+    np.testing.assert_allclose(
+        t.loc["D1_acute", "ieg_dissociation_mono"], by_lin["D1_acute", "mono"]
+    )
+    assert np.isnan(t.loc["D2_baseline", "ieg_dissociation_mono"])  # no monocytes there
+    assert (t["donor"] + "_" + t["timepoint"] == t.index).all()
+    # the planted handling shift shows per timepoint in the table, within each donor
+    for donor in ("D1", "D2"):
+        d = (
+            t.loc[f"{donor}_acute", "ieg_dissociation"]
+            - t.loc[f"{donor}_baseline", "ieg_dissociation"]
+        )
+        assert 0.5 < d < 1.5, (donor, d)
+    # the table is a covariates file for differential once written comma-separated
+    path = tmp_path / "handling.csv"
+    table.to_csv(path, index=False)
+    cov = read_covariates(path, table[["sample"]], ["ieg_dissociation"])
+    np.testing.assert_allclose(cov["ieg_dissociation"], table["ieg_dissociation"])
+    with pytest.raises(ValueError, match="several donors"):
+        bad = out.obs.copy()
+        bad.loc[bad.index[0], "donor"] = "D2"
+        sample_handling_table(bad, out.obsm[SCORES_KEY], controls=["ieg_dissociation"])

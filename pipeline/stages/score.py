@@ -32,17 +32,46 @@ Gene sets
     (cross-checks; CPU). They need ``X`` in memory: with an on-disk ``X``
     (backed mode) they are an :class:`~pipeline.errors.InputError`.
 
+Roles
+    Every set has a role (:data:`pipeline.genesets.ROLES`): ``programme`` (biology;
+    every GMT and inline set) or ``control``. The built-in ``ieg_dissociation``
+    (immediate-early / dissociation-stress genes: FOS, JUN, EGR1, IER2, DUSP1,
+    heat-shock genes ...) is a control: it measures sample handling (time to
+    processing, ex-vivo stress), not the biology of a timepoint, and its genes are
+    kept out of the programmes (``nfkb_inflammation`` has none of them since
+    collection version 2). It is scored like any set and tested like any set by the
+    ``differential`` stage (a shift there is a handling difference between
+    timepoints), and summarised per sample in ``tables/sample_handling.tsv``.
+
+``tables/sample_handling.tsv`` (:func:`sample_handling_table`)
+    One row per sample: ``sample``, ``donor``, ``timepoint``, ``n_cells`` and, for
+    every scored control set, ``<set>`` (mean score over the sample's cells) and
+    ``<set>_<lineage>`` (mean over the sample's cells of each coarse lineage of
+    ``obs["cell_type_coarse"]``; empty where the sample has no such cells;
+    ``unassigned`` cells count in ``<set>`` only). Read it per timepoint to see
+    whether handling differs between timepoints. To adjust the differential tests for
+    it, pass it as the covariates file: its format is the one
+    :func:`pipeline.stages.differential.covariates.read_covariates` reads (a
+    ``sample`` column, numeric columns; ``donor`` and ``timepoint`` are ignored)
+    once saved comma-separated, with ``differential.covariate_columns:
+    [ieg_dissociation]`` (otherwise ``n_cells`` and every lineage column would be
+    tested too).
+
 Outputs: ``obs["score_<set>"]``, ``obsm["signature_scores"]`` (a DataFrame with
 one column per set), ``uns["immuneage"]["signatures"]`` (set -> genes used),
-``tables/signature_coverage.tsv`` and the set definitions after alias mapping in
-``provenance.json`` (stage ``score``, ``details``).
+``uns["immuneage"]["signature_roles"]`` (set -> ``programme`` / ``control``),
+``uns["immuneage"]["signature_versions"]`` (set -> collection version, e.g.
+``immune_ageing/2``), ``tables/signature_coverage.tsv``,
+``tables/sample_handling.tsv`` (when ``obs`` has a ``sample`` column) and the set
+definitions after alias mapping in ``provenance.json`` (stage ``score``,
+``details``; with the built-in collection's version under ``collection``).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +80,7 @@ from scipy import sparse
 
 from pipeline import keys
 from pipeline.errors import ImmuneageWarning, InputError
-from pipeline.genesets import ResolvedSet, resolve_sets, sets_from_config
+from pipeline.genesets import ResolvedSet, collection_version, resolve_sets, sets_from_config
 from pipeline.kernels.scoring import gene_means, weighted_scores
 from pipeline.kernels.sparse import DEFAULT_CHUNK_SIZE, is_row_source
 from pipeline.stages._base import StageResult
@@ -63,6 +92,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config, ScoreConfig
 
 __all__ = [
+    "SAMPLE_HANDLING_TABLE",
     "SCORES_KEY",
     "check_config",
     "check_genes",
@@ -70,6 +100,7 @@ __all__ = [
     "coverage_table",
     "expression_bins",
     "run_score",
+    "sample_handling_table",
     "score_matrix",
 ]
 
@@ -77,6 +108,8 @@ log = logging.getLogger("immuneage")
 
 #: ``obsm`` key of the per-cell scores (a DataFrame, one column per set).
 SCORES_KEY = "signature_scores"
+#: Name of the per-sample control table (``tables/sample_handling.tsv``).
+SAMPLE_HANDLING_TABLE = "sample_handling"
 
 
 def score_column(name: str) -> str:
@@ -224,6 +257,7 @@ def coverage_table(resolved: dict[str, ResolvedSet], min_genes: int) -> pd.DataF
                 "label": r.geneset.label,
                 "source": r.geneset.source,
                 "version": r.geneset.version,
+                "role": r.geneset.role,
                 "n_genes": len(r.geneset.genes),
                 "n_found": n_found,
                 "n_missing": len(r.missing),
@@ -235,6 +269,86 @@ def coverage_table(resolved: dict[str, ResolvedSet], min_genes: int) -> pd.DataF
             }
         )
     return pd.DataFrame(rows)
+
+
+def sample_handling_table(
+    obs: pd.DataFrame,
+    scores: pd.DataFrame,
+    *,
+    controls: Sequence[str],
+    lineage_key: str | None = keys.CELL_TYPE_COARSE,
+) -> pd.DataFrame:
+    """Per-sample means of the control scores (``tables/sample_handling.tsv``).
+
+    Parameters
+    ----------
+    obs
+        Cell metadata with a ``sample`` column (``donor``, ``timepoint`` and
+        ``lineage_key`` are used when present).
+    scores
+        Cells x sets scores, rows in ``obs`` order.
+    controls
+        The sets of ``scores`` to summarise (the ``control`` role ones).
+    lineage_key
+        ``obs`` column of the coarse lineage; ``None`` or absent: no per-lineage columns.
+
+    Returns
+    -------
+    One row per sample, sorted by sample: ``sample``, ``donor``, ``timepoint``,
+    ``n_cells``, then per control ``<set>`` (mean over the sample's cells) and
+    ``<set>_<lineage>`` (mean over its cells of that lineage, NaN when it has
+    none; ``unassigned`` cells count in ``<set>`` only).
+
+    Raises
+    ------
+    ValueError
+        ``obs`` has no ``sample`` column, ``scores`` has another number of rows
+        or lacks a control, or a sample has several donors or timepoints.
+    """
+    if keys.SAMPLE not in obs.columns:
+        raise ValueError("sample_handling_table: obs has no 'sample' column")
+    missing = [c for c in controls if c not in scores.columns]
+    if len(scores) != len(obs) or missing:
+        msg = (
+            f"sample_handling_table: scores must have one row per cell ({len(scores)} vs "
+            f"{len(obs)}) and the control columns (missing: {missing})"
+        )
+        raise ValueError(msg)
+    frame = pd.DataFrame(
+        {keys.SAMPLE: obs[keys.SAMPLE].astype(str).to_numpy()}
+        | {c: scores[c].to_numpy(dtype=np.float64) for c in controls}
+    )
+    grouped = frame.groupby(keys.SAMPLE, sort=True)
+    out = pd.DataFrame({keys.SAMPLE: list(grouped.groups)})
+    for col in (keys.DONOR, keys.TIMEPOINT):
+        if col in obs.columns:
+            values = obs[col].astype(str).to_numpy()
+            per = pd.Series(values).groupby(frame[keys.SAMPLE].to_numpy(), sort=True)
+            if (per.nunique() > 1).any():
+                bad = per.nunique()[per.nunique() > 1].index[0]
+                raise ValueError(f"sample_handling_table: sample {bad!r} has several {col}s")
+            out[col] = per.first().to_numpy()
+    out["n_cells"] = grouped.size().to_numpy()
+    lineages: list[str] = []
+    if lineage_key is not None and lineage_key in obs.columns:
+        lin = obs[lineage_key]
+        order = lin.cat.categories if isinstance(lin.dtype, pd.CategoricalDtype) else None
+        frame["_lineage"] = lin.astype(object).to_numpy()
+        present = set(frame["_lineage"].dropna()) - {keys.UNASSIGNED}
+        lineages = [str(x) for x in (order if order is not None else sorted(present))]
+        lineages = [x for x in lineages if x in present]
+    for c in controls:
+        out[c] = grouped[c].mean().to_numpy()
+        if lineages:
+            per_lin = frame.pivot_table(
+                index=keys.SAMPLE, columns="_lineage", values=c, aggfunc="mean", observed=True
+            )
+            for x in lineages:
+                col = per_lin[x] if x in per_lin.columns else None
+                out[f"{c}_{x}"] = (
+                    np.nan if col is None else col.reindex(out[keys.SAMPLE]).to_numpy()
+                )
+    return out
 
 
 def _decoupler_scores(
@@ -395,8 +509,9 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
 
     Returns
     -------
-    :class:`~pipeline.stages.StageResult` with the scored AnnData and the
-    ``signature_coverage`` table.
+    :class:`~pipeline.stages.StageResult` with the scored AnnData, the
+    ``signature_coverage`` table and, when ``obs`` has a ``sample`` column, the
+    ``sample_handling`` table (:func:`sample_handling_table` of the control sets).
 
     Raises
     ------
@@ -446,15 +561,33 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
     out.obsm[SCORES_KEY] = scores
     run_info = out.uns.setdefault(keys.UNS, {})
     run_info["signatures"] = {name: list(genes) for name, genes in sets.items()}
+    run_info["signature_roles"] = {name: resolved[name].geneset.role for name in sets}
+    run_info["signature_versions"] = {name: resolved[name].geneset.version for name in sets}
     run_info["signature_method"] = scfg.method
     coverage["n_controls"] = [len(controls.get(n, [])) for n in coverage["signature"]]
+    tables = {"signature_coverage": coverage}
+    control_sets = [n for n in sets if resolved[n].geneset.role == "control"]
+    if keys.SAMPLE in out.obs.columns:
+        handling = sample_handling_table(out.obs, scores, controls=control_sets)
+        tables[SAMPLE_HANDLING_TABLE] = handling
+        if keys.TIMEPOINT in handling.columns:
+            for c in control_sets:
+                by_tp = handling.groupby(keys.TIMEPOINT, sort=False)[c].mean()
+                log.info(
+                    "score: %s (sample-handling control), mean of the sample means per "
+                    "timepoint: %s (tables/sample_handling.tsv)",
+                    c,
+                    ", ".join(f"{tp} {v:.3g}" for tp, v in by_tp.items()),
+                )
     details: dict[str, Any] = {
         "method": scfg.method,
+        "collection": collection_version(),
         "sets": {
             name: {
                 "label": r.geneset.label,
                 "source": r.geneset.source,
                 "version": r.geneset.version,
+                "role": r.geneset.role,
                 "genes_defined": list(r.geneset.genes),
                 "genes_used": r.found,
                 "genes_missing": r.missing,
@@ -465,4 +598,4 @@ def run_score(adata: AnnData, cfg: Config, *, device: torch.device | str = "cpu"
             for name, r in resolved.items()
         },
     }
-    return StageResult(out, tables={"signature_coverage": coverage}, provenance=details)
+    return StageResult(out, tables=tables, provenance=details)
