@@ -30,9 +30,10 @@ def _cohort(
 ) -> pd.DataFrame:
     """Score y = u_d + beta_tp + e (ICC 0.5); covariate c = 35 + 5 v_d + gamma_tp + 2.5 f.
 
-    ``within`` adds ``within * f`` to y (a within-donor association at equal timepoints,
-    slope ``within / 2.5`` per covariate unit); ``between`` adds ``between * v_d`` (donors
-    with more of the covariate score higher, slope ``between / 5``). With both 0 the score
+    ``within`` adds ``within * (f - mean_d f)`` to y (a within-donor association at equal
+    timepoints, slope ``within / 2.5`` per covariate unit, none between donors); ``between``
+    adds ``between * v_d`` (donors with more of the covariate score higher, slope
+    ``between / 5``, none within donors). With both 0 the score
     and the covariate are unrelated at equal timepoints, within and between donors. With
     ``missing``, three donors lose a sample (unequal observations per donor).
     """
@@ -40,7 +41,7 @@ def _cohort(
     n, t = N_DONORS, len(TPS)
     u, v = rng.normal(size=(n, 1)), rng.normal(size=(n, 1))
     e, f = rng.normal(size=(n, t)), rng.normal(size=(n, t))
-    y = u + BETA + e + within * f + between * v
+    y = u + BETA + e + within * (f - f.mean(axis=1, keepdims=True)) + between * v
     c = 35.0 + 5.0 * v + GAMMA + 2.5 * f
     df = pd.DataFrame(
         {
@@ -95,11 +96,11 @@ def test_without_timepoint_adjustment_the_confounding_is_detected() -> None:
 
 def test_power_on_planted_within_donor_association() -> None:
     reps = 30
-    within = 0.8  # y gains 0.8 residual SDs per SD of the covariate's sample-level deviation
+    within = 1.0  # y gains 1 residual SD per SD of the covariate's sample-level deviation
     p = _p_values(range(1000, 1000 + reps), within=within)
     # planted within only: the between component stays null
     assert (p[:, 0] < ALPHA).mean() >= 0.8
-    assert int((p[:, 1] < ALPHA).sum()) <= stats.binom.ppf(0.999, reps, ALPHA)
+    assert int((p[:, 1] < ALPHA).sum()) <= stats.binom.ppf(0.999, reps, ALPHA)  # stays null
     # the CI covers the planted slope per covariate unit
     covered = []
     for s in range(1000, 1010):
@@ -110,7 +111,7 @@ def test_power_on_planted_within_donor_association() -> None:
 
 def test_power_on_planted_between_donor_association() -> None:
     reps = 30
-    p = _p_values(range(2000, 2000 + reps), between=1.5)
+    p = _p_values(range(2000, 2000 + reps), between=2.0)
     assert (p[:, 1] < ALPHA).mean() >= 0.8
     assert int((p[:, 0] < ALPHA).sum()) <= stats.binom.ppf(0.999, reps, ALPHA)
 
@@ -141,7 +142,7 @@ def _covs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_table_has_both_components_and_bh_families() -> None:
-    df = _cohort(7, within=0.8)
+    df = _cohort(7, within=1.0)
     table, dropped = covariate_associations(_means(df), _covs(df))
     assert tuple(table.columns) == COVARIATE_COLUMNS
     # 2 covariates x 2 types x 2 signatures x 2 components
@@ -157,7 +158,7 @@ def test_table_has_both_components_and_bh_families() -> None:
     assert (table["method"].str.startswith("mixedlm:")).all()
     row = table.set_index([*key, "component"]).loc[("betaine", "A", "s1", "within")]
     assert row["slope"] > 0 and row["q_value"] < 0.05 and row["df"] == 39 - 3 - 13 - 3
-    assert row["ci_low"] < 0.8 / 2.5 < row["ci_high"]
+    assert row["ci_low"] < 1.0 / 2.5 < row["ci_high"]
 
 
 def test_too_few_donors_is_a_dropped_row() -> None:
