@@ -425,9 +425,9 @@ def covariate_association(
     df_within, df_between = n_obs - n_donors - k_within, n_donors - 2
     nan = math.nan
 
-    def both(note: str, method: str = "none") -> tuple[CovariateResult, CovariateResult]:
-        w = CovariateResult("within", n_donors, n_obs, nan, nan, nan, nan, nan, method, note)
-        b = CovariateResult("between", n_donors, n_obs, nan, nan, nan, nan, nan, method, note)
+    def both(note: str) -> tuple[CovariateResult, CovariateResult]:
+        w = CovariateResult("within", n_donors, n_obs, nan, nan, nan, nan, nan, "none", note)
+        b = CovariateResult("between", n_donors, n_obs, nan, nan, nan, nan, nan, "none", note)
         return w, b
 
     if n_obs < k_within + 3 or n_donors < 3:
