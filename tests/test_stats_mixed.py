@@ -74,6 +74,26 @@ def test_covariate_association_recovers_slope() -> None:
     assert covariate_association(df, value="y", covariate="c", adjust_timepoint=False)[0].df == 25
 
 
+def test_within_slope_equals_donor_fixed_effects_ols_on_complete_data() -> None:
+    """With every donor at every timepoint the REML within-donor slope and its t test (between-
+    within df) are the exact within-donor regression: OLS with donor and timepoint fixed
+    effects, as the paired t-test is for the timepoint effect."""
+    import statsmodels.formula.api as smf
+
+    df = _long(8)
+    rng = np.random.default_rng(8)
+    df["c"] = df["donor"].str[1:].astype(float) + rng.normal(0, 1, len(df))
+    df["y"] = df["y"] + 0.3 * df["c"]
+    within, _ = covariate_association(df, value="y", covariate="c")
+    df["cw"] = df["c"] - df.groupby("donor")["c"].transform("mean")
+    fe = smf.ols("y ~ cw + C(timepoint) + C(donor)", df).fit()
+    assert within.df == fe.df_resid
+    assert within.slope == pytest.approx(fe.params["cw"], rel=1e-5)
+    assert within.p_value == pytest.approx(fe.pvalues["cw"], rel=1e-3)
+    lo, hi = fe.conf_int().loc["cw"]
+    assert within.ci_high - within.ci_low == pytest.approx(hi - lo, rel=1e-3)
+
+
 def test_covariate_fallback_is_labelled() -> None:
     # one observation per donor: no within-donor variation, no donor variance -> the between
     # slope by OLS, said so
