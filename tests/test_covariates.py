@@ -167,3 +167,22 @@ def test_too_few_donors_is_a_dropped_row() -> None:
     table, dropped = covariate_associations(_means(df, ("A",)), _covs(df)[["betaine"]])
     assert table.empty and tuple(table.columns) == COVARIATE_COLUMNS
     assert len(dropped) == 2 and all("min_donors" in d["reason"] for d in dropped)
+
+
+def test_read_covariates_reads_tsv_like_csv(tmp_path) -> None:
+    """A .tsv covariates file (e.g. the score stage's sample_handling.tsv) reads as the
+    same table as its CSV twin; a CSV-parsed TSV would be one unusable column."""
+    from pipeline.stages.differential import read_covariates
+
+    samples = pd.DataFrame(
+        {"sample": ["a", "b", "c"], "donor": ["D1", "D2", "D3"], "timepoint": ["t0"] * 3}
+    )
+    table = pd.DataFrame(
+        {"sample": ["c", "a", "b"], "donor": ["D3", "D1", "D2"], "ieg": [0.5, -0.25, ""]}
+    )
+    table.to_csv(tmp_path / "cov.tsv", sep="\t", index=False)
+    table.to_csv(tmp_path / "cov.csv", index=False)
+    tsv = read_covariates(tmp_path / "cov.tsv", samples)
+    pd.testing.assert_frame_equal(tsv, read_covariates(tmp_path / "cov.csv", samples))
+    assert np.isnan(tsv.loc["b", "ieg"])  # an empty cell is a missing value
+    assert tsv.loc["c", "ieg"] == 0.5 and tsv.loc["a", "ieg"] == -0.25

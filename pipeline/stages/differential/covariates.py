@@ -57,13 +57,14 @@ COVARIATE_COLUMNS = (
 def read_covariates(
     path: str | Path, samples: pd.DataFrame, columns: list[str] | None = None
 ) -> pd.DataFrame:
-    """Read and validate the per-sample covariates CSV.
+    """Read and validate the per-sample covariates CSV (TSV when named ``.tsv``/``.tab``).
 
     Parameters
     ----------
     path
-        CSV with a ``sample`` column and numeric covariate columns (``donor``
-        and ``timepoint`` columns, if present, are ignored).
+        CSV (tab-separated when the name ends ``.tsv`` or ``.tab``) with a
+        ``sample`` column and numeric covariate columns (``donor`` and
+        ``timepoint`` columns, if present, are ignored).
     samples
         The run's samples (``sample`` column); each must have a row.
     columns
@@ -84,9 +85,13 @@ def read_covariates(
     if not p.is_file():
         raise InputError(f"covariates file {p} (differential.covariates) does not exist")
     try:
-        raw = pd.read_csv(p, dtype=str, keep_default_na=False)
+        # tab-separated for .tsv/.tab (e.g. the score stage's tables/sample_handling.tsv)
+        sep = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False, sep=sep)
     except Exception as exc:
-        raise InputError(f"covariates file {p} is not a readable CSV: {exc}") from None
+        raise InputError(
+            f"covariates file {p} is not a readable {'TSV' if sep == chr(9) else 'CSV'}: {exc}"
+        ) from None
     raw.columns = [str(c).strip() for c in raw.columns]
     if keys.SAMPLE not in raw.columns:
         raise InputError(

@@ -133,6 +133,7 @@ def signature_shift_tests(
     min_donors: int = 3,
     primary: Mapping[str, Sequence[str]] | None = None,
     roles: Mapping[str, str] | None = None,
+    optimizers: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Paired (or mixed-model) test of every cell type x signature per contrast.
 
@@ -157,6 +158,9 @@ def signature_shift_tests(
         one family ``all``.
     roles
         Signature -> role (``programme`` | ``control``), from ``score``.
+    optimizers
+        ``test="mixed"``: the MixedLM optimisers tried one by one
+        (``differential.mixed_optimizers``; ``None``: the default list).
 
     Returns
     -------
@@ -238,7 +242,9 @@ def signature_shift_tests(
                     long = s.loc[
                         s[keys.DONOR].isin(used), [keys.DONOR, keys.TIMEPOINT, "mean_score"]
                     ]
-                    mr = mixed_timepoint_test(long, tp_ref, tp_test, value="mean_score")
+                    mr = mixed_timepoint_test(
+                        long, tp_ref, tp_test, value="mean_score", optimizers=optimizers
+                    )
                     row |= {
                         "n_donors": mr.n_donors,
                         "mean_reference": mr.mean_reference,
