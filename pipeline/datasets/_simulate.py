@@ -34,9 +34,11 @@ except in the state cells.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -195,10 +197,18 @@ def _state_spec() -> dict:
 
 
 def _transient_state(
-    seed: int, genes: pd.DataFrame, cts: tuple[CellTypeSpec, ...]
+    seed: int,
+    genes: pd.DataFrame,
+    cts: tuple[CellTypeSpec, ...],
+    overrides: Mapping[str, Any] | None = None,
 ) -> TransientState:
-    """The state of ``simulator.yaml`` with its gene levels (own random stream)."""
-    spec = _state_spec()
+    """The state of ``simulator.yaml`` (fields in ``overrides`` replaced), gene levels drawn."""
+    spec = {**_state_spec(), **(overrides or {})}
+    unknown = sorted(set(spec) - set(_state_spec()) - {"shifted"})
+    if unknown:
+        raise ValueError(
+            f"transient_state: unknown field(s) {unknown}; fields are {sorted(_state_spec())}"
+        )
     names = [ct.name for ct in cts]
     if spec["cell_type"] not in names or spec["timepoint"] not in TIMEPOINTS[1:]:
         raise ValueError(f"simulator.yaml transient_state: unknown type or timepoint {spec}")
@@ -327,7 +337,9 @@ def _normalise_logit(logp: np.ndarray) -> np.ndarray:
     return w / w.sum(axis=-1, keepdims=True)
 
 
-def build_cohort(seed: int, n_cells: int, *, transient_state: bool = True) -> Cohort:
+def build_cohort(
+    seed: int, n_cells: int, *, transient_state: bool | Mapping[str, Any] = True
+) -> Cohort:
     """Draw every cohort-level parameter.
 
     Parameters
@@ -338,8 +350,10 @@ def build_cohort(seed: int, n_cells: int, *, transient_state: bool = True) -> Co
     n_cells
         Total cells to spread over the 39 samples.
     transient_state
-        Plant the one-timepoint cell state of ``simulator.yaml``; without it
-        every other draw is the same.
+        Plant the one-timepoint cell state of ``simulator.yaml`` (``True``), the
+        same with some fields replaced (a mapping, e.g. ``{"umi_per_gene": 1.0,
+        "shifted": {}}`` for a weaker state), or none (``False``); every other
+        draw is the same either way.
 
     Returns
     -------
@@ -401,7 +415,16 @@ def build_cohort(seed: int, n_cells: int, *, transient_state: bool = True) -> Co
         base_proportions=base,
         donor_proportions=donor_props,
         donor_response=donor_response,
-        transient_state=_transient_state(seed, genes, cts) if transient_state else None,
+        transient_state=(
+            _transient_state(
+                seed,
+                genes,
+                cts,
+                transient_state if isinstance(transient_state, Mapping) else None,
+            )
+            if transient_state is not False
+            else None
+        ),
     )
     type_idx = {ct.name: t for t, ct in enumerate(cts)}
     for tp, ct, prog, lfc in PLANTED_EFFECTS:
@@ -531,6 +554,7 @@ def simulate_sample(cohort: Cohort, index: int) -> SampleCells:
     if state is not None and spec.timepoint == state.timepoint:
         rng_state = _rng(cohort.seed, 3, index)
         v_state = (v_type == state.type_index) & (rng_state.random(n_v) < state.share_of_type)
+        v_state[n:] = False  # a doublet's second cell keeps its type's profile
     else:
         rng_state, v_state = None, np.zeros(n_v, bool)
     v_lib = MEDIAN_UMI * spec.depth * lib_t[v_type] * np.exp(rng.normal(0.0, LIBRARY_SD, n_v))

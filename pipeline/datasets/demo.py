@@ -24,6 +24,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -398,7 +399,7 @@ def demo_cohort(
     size: Size = "default",
     seed: int = 0,
     n_cells: int | None = None,
-    transient_state: bool = True,
+    transient_state: bool | Mapping[str, Any] = True,
 ) -> DemoCohort:
     """Write a synthetic 13-donor x 3-timepoint PBMC cohort with planted effects.
 
@@ -438,8 +439,11 @@ def demo_cohort(
     n_cells
         Total cells (overrides the size's preset), from 780 to 1,000,000.
     transient_state
-        Plant the one-timepoint state; ``False`` leaves every other cell's
-        counts unchanged (``truth.json["transient_state"]`` is then ``null``).
+        Plant the one-timepoint state of ``simulator.yaml``; a mapping replaces
+        some of its fields (``share_of_type``, ``umi_per_gene``, ``shifted``,
+        ...: a benchmark's weaker or rarer state); ``False`` plants none. Every
+        other cell's counts are the same either way (``truth.json["transient_state"]``
+        is ``null`` without a state).
 
     Returns
     -------
