@@ -368,6 +368,7 @@ def _measure(reps: int = 200) -> None:  # pragma: no cover - a report, not a tes
                 {"match_depth": False, "transform": "asin_sqrt"},
             ),
             ("propeller logit moderated", {"moderate": True}),
+            ("propeller logit, no prevalence filter", {"min_prevalence": 0.0, "min_prop": 0.0}),
             ("clr size-aware", {"method": "clr"}),
         ]:
             p = np.array(
