@@ -548,6 +548,7 @@ class ScoreConfig(_Section):
             "tbk1_sting",
             "ifn_type1",
             "nfkb_inflammation",
+            "ieg_dissociation",
             "senescence",
             "senescence_core",
             "sasp",
@@ -555,7 +556,11 @@ class ScoreConfig(_Section):
             "t_naive",
             "il6_stat3",
         ],
-        description="Names of built-in gene sets to score (see `immuneage genesets`); [] for none.",
+        description=(
+            "Names of built-in gene sets to score (see `immuneage genesets`); [] for none. "
+            "ieg_dissociation is a sample-handling control (immediate-early / dissociation "
+            "genes), summarised per sample in tables/sample_handling.tsv."
+        ),
     )
     gmt: str | None = Field(
         default=None,
@@ -620,7 +625,11 @@ class DifferentialConfig(_Section):
     min_donors: int = Field(
         default=3,
         ge=2,
-        description="Minimum donors with both timepoints (mixed: observed at both) for a test to run.",
+        description=(
+            "Minimum donors with both timepoints (mixed: observed at both) for a test to run. "
+            "Contrasts tested with fewer than 5 donors are warned about (t-tests with under 4 df: "
+            "wide confidence intervals)."
+        ),
     )
     deseq: bool = Field(
         default=True, description="Run pseudobulk differential expression (PyDESeq2) per cell type."
@@ -650,13 +659,14 @@ class DifferentialConfig(_Section):
         description="Processes PyDESeq2 may use (1 keeps results identical across machines).",
     )
     enrichment: Literal["camera", "ulm", "none"] = Field(
-        default="ulm",
+        default="camera",
         description=(
             "Signature enrichment of each DE result: 'camera' (competitive test on the Wald "
-            "statistics with the variance inflated by the signature's inter-gene correlation "
-            "estimated from the pseudobulks; Wu & Smyth 2012), 'ulm' (univariate linear model, "
-            "assumes independent genes: anti-conservative for co-regulated programmes; its "
-            "q-values are never starred) or 'none'."
+            "statistics with the variance inflated by the signature's inter-gene correlation, "
+            "estimated per signature from the donor-paired pseudobulk residuals; Wu & Smyth "
+            "2012), 'ulm' (univariate linear model, assumes independent genes: "
+            "anti-conservative for co-regulated programmes; its q-values are never starred) or "
+            "'none'. q-values: BH over every cell type x signature x contrast."
         ),
     )
     enrichment_min_genes: int = Field(
@@ -673,14 +683,22 @@ class DifferentialConfig(_Section):
         ),
     )
     composition_transform: Literal["asin_sqrt", "logit"] = Field(
-        default="asin_sqrt",
-        description="Transform of the proportions for 'propeller': arcsine square root or logit.",
+        default="logit",
+        description=(
+            "Transform of the proportions for 'propeller': 'logit' of (n + 0.5) / (N + 0.5 K) "
+            "(speckle's default) or 'asin_sqrt'. Each donor's two samples are compared at the "
+            "smaller one's size (expected rarefaction), so both stay calibrated with 10x "
+            "unequal sample sizes and a 0.2% type (measured; tests/test_composition.py); equal "
+            "power on planted shifts. logit is the default: its effect is a log-odds change."
+        ),
     )
     composition_moderate: bool = Field(
-        default=True,
+        default=False,
         description=(
             "'propeller': moderate each type's variance of the paired differences towards the "
-            "types' common value (limma empirical Bayes)."
+            "types' common value (limma empirical Bayes, Smyth 2004). Off by default: with ~10 "
+            "types it gained <= 0.01 power, and types whose variance differs systematically "
+            "(a 0.2% type on the logit scale) became anti-conservative (FPR 0.11 at 0.05)."
         ),
     )
     composition_min_prevalence: float = Field(
@@ -702,8 +720,9 @@ class DifferentialConfig(_Section):
         default=0.5,
         gt=0,
         description=(
-            "Cells added to a type's count before the CLR ('clr', scaled by the sample's size "
-            "relative to the mean sample) and before group log-ratios."
+            "Cells added to a type's count before the CLR ('clr'), group log-ratios and log2 "
+            "cells per uL, scaled by the sample's size relative to the mean sample (a "
+            "pseudo-proportion: a zero maps to the same value whatever the sample's size)."
         ),
     )
     absolute_total_column: str | None = Field(
@@ -712,7 +731,8 @@ class DifferentialConfig(_Section):
             "Column of the covariates file with each sample's absolute count of the cells the "
             "sample represents (e.g. PBMCs per uL = lymphocytes + monocytes from the blood count): "
             "shares are converted to cells per uL and tested donor-paired (table "
-            "composition_absolute); null: relative abundance only."
+            "composition_absolute; the column is not tested as a covariate); null: relative "
+            "abundance only."
         ),
     )
     log_ratios: dict[str, dict[str, list[str]]] = Field(
@@ -790,15 +810,19 @@ class DifferentialConfig(_Section):
         description=(
             "Primary hypotheses: lineage (obs['cell_type_coarse']) or cell type -> signatures. "
             "Signature shifts of these pairs form the 'primary' FDR family (BH over all of them "
-            "and all contrasts); every other pair is 'exploratory' (its own family). null: one "
-            "family of every pair and contrast."
+            "and all contrasts); every other pair is 'exploratory' (its own family); control "
+            "signatures (e.g. ieg_dissociation) are the 'control' family. null: one family 'all' "
+            "of every programme pair and contrast. Checked before compute: a signature that is "
+            "no gene set, or (with the shipped marker panel) a name that is no lineage or cell "
+            "type of it, is an error."
         ),
     )
     global_test: bool = Field(
         default=True,
         description=(
             "With three or more timepoints, also test each cell type x signature across all of "
-            "them at once (F test on the donor-level model; table signature_global)."
+            "them at once (Hotelling's T^2 on the within-donor differences, exact F without "
+            "assuming sphericity, donors with every timepoint; table signature_global)."
         ),
     )
 

@@ -106,7 +106,8 @@ def test_mixed_model_is_calibrated_with_missing_timepoints() -> None:
             means, CONTRASTS, _samples(obs), test="mixed", min_cells=3
         )
         assert {r["donor"] for r in dropped} >= {"D00", "D03"}
-        assert (table["method"] == "mixedlm").mean() > 0.8
+        # optimisers one by one: no fit falls back to OLS (a different estimator)
+        assert table["method"].str.startswith("mixedlm:").all(), table["note"].tolist()
         ps += table["p_value"].tolist()
     assert len(ps) == 8 * 2 * 2 * 3
     assert stats.kstest(ps, "uniform").pvalue > 0.01
@@ -135,12 +136,16 @@ def _null_composition(seed: int) -> pd.DataFrame:
 
 
 def test_composition_is_calibrated() -> None:
-    ps, calls = [], 0
+    ps, calls, filtered = [], 0, 0
     for seed in range(40):
         obs = _null_composition(seed)
-        table, _ = composition_tests(obs, CONTRASTS, _samples(obs), log_ratios={})
+        table, dropped = composition_tests(obs, CONTRASTS, _samples(obs), log_ratios={})
         ps += table["p_value"].tolist()
         calls += int((table["q_value"] < 0.1).sum())
-    assert len(ps) == 40 * 2 * 8
+        # types below the prevalence / abundance filter are a dropped row, not a test
+        filtered += sum(
+            1 for r in dropped if r["cell_type"] and r["reason"].startswith("not tested")
+        )
+    assert len(ps) + filtered == 40 * 2 * 8 and filtered < 0.05 * len(ps)
     assert stats.kstest(ps, "uniform").pvalue > 0.01
     assert calls / len(ps) <= 0.02

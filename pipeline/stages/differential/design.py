@@ -28,7 +28,8 @@ def check_config(cfg: Config, sheet: Any) -> None:
     have ``differential.min_donors`` donors sampled at both of its timepoints,
     as :func:`run_differential` requires), the covariates table
     (``differential.covariates`` against the sheet's samples,
-    ``differential.covariate_columns`` against its columns) and
+    ``differential.covariate_columns`` against its columns), the absolute
+    totals (``differential.absolute_total_column``) and
     ``differential.primary`` (:func:`check_primary`).
 
     Raises
@@ -36,8 +37,10 @@ def check_config(cfg: Config, sheet: Any) -> None:
     InputError
         No contrast can be tested (the message gives the donors counted per
         contrast against ``min_donors`` and how to run the stages before this
-        one only); ``covariate_columns`` without a covariates file; as
-        :func:`read_covariates` and :func:`check_primary`.
+        one only); ``covariate_columns`` without a covariates file; an
+        ``absolute_total_column`` without a covariates file, missing from it
+        or not positive (:func:`absolute_totals`); as :func:`read_covariates`
+        and :func:`check_primary`.
     """
     dcfg = cfg.differential
     check_primary(cfg)
@@ -64,7 +67,57 @@ def check_config(cfg: Config, sheet: Any) -> None:
             "these columns, or remove differential.covariate_columns"
         )
     if dcfg.covariates is not None:
-        read_covariates(dcfg.covariates, samples, dcfg.covariate_columns)
+        cols = covariate_columns(cfg, dcfg.covariates)
+        if cols != []:  # [] : the file holds the absolute totals only
+            read_covariates(dcfg.covariates, samples, cols)
+    if dcfg.absolute_total_column is not None:
+        absolute_totals(cfg, samples)
+
+
+def covariate_columns(cfg: Config, path: Any) -> list[str] | None:
+    """The covariates to test: ``differential.covariate_columns``, or (null) every column
+    of the covariates file but the keys and ``differential.absolute_total_column``
+    (``[]`` when the file holds nothing else: no covariate associations)."""
+    dcfg = cfg.differential
+    if dcfg.covariate_columns is not None or dcfg.absolute_total_column is None:
+        return dcfg.covariate_columns
+    cols = read_covariates(path, pd.DataFrame({keys.SAMPLE: []}), None).columns
+    return [c for c in cols if c != dcfg.absolute_total_column]
+
+
+def absolute_totals(cfg: Config, samples: pd.DataFrame) -> pd.Series:
+    """Per sample, ``differential.absolute_total_column`` of the covariates file.
+
+    Raises
+    ------
+    InputError
+        No covariates file, no such column, or a total that is not a positive
+        number (an empty cell is allowed: that sample is left out of the
+        absolute test, a dropped row).
+    """
+    dcfg = cfg.differential
+    col = dcfg.absolute_total_column
+    if dcfg.covariates is None:
+        raise InputError(
+            f"differential.absolute_total_column is {col!r} but differential.covariates (the "
+            "per-sample CSV that holds the totals, e.g. PBMCs per uL from the blood count) is "
+            "not set; set both, or absolute_total_column: null"
+        )
+    header = read_covariates(dcfg.covariates, pd.DataFrame({keys.SAMPLE: []}), None).columns
+    if col not in header:
+        raise InputError(
+            f"differential.absolute_total_column {col!r} is not a column of the covariates file "
+            f"{dcfg.covariates} (numeric columns: {', '.join(header) or 'none'})"
+        )
+    totals = read_covariates(dcfg.covariates, samples, [col])[col]
+    bad = totals.notna() & ~(totals > 0)
+    if bad.any():
+        s = totals.index[bad.to_numpy()][0]
+        raise InputError(
+            f"covariates file {dcfg.covariates}, sample {s!r}: {col} = {totals[s]:g} is not a "
+            "positive number; absolute totals are cells per uL (leave the cell empty when unknown)"
+        )
+    return totals
 
 
 def contrast_donors(samples: pd.DataFrame, contrasts: Iterable[Contrast]) -> dict[str, list[str]]:

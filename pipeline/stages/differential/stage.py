@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import TYPE_CHECKING
 
@@ -24,13 +25,19 @@ from ._common import (
     _frame,
     _sample_table,
     _signature_columns,
+    signature_roles,
 )
-from .composition import composition_tests
+from .composition import absolute_composition_tests, composition_tests
 from .covariates import covariate_associations, read_covariates
 from .de import SUMMARY_COLUMNS, pseudobulk, pseudobulk_de
-from .design import _check_design
+from .design import _check_design, absolute_totals, covariate_columns
 from .enrichment import ENRICHMENT_COLUMNS, signature_enrichment
-from .shifts import signature_means, signature_shift_tests
+from .shifts import (
+    shift_warnings,
+    signature_global_tests,
+    signature_means,
+    signature_shift_tests,
+)
 
 
 def run_differential(
@@ -57,7 +64,8 @@ def run_differential(
     ``uns["immuneage"]["differential"]`` the parameters and a summary) and the
     tables ``signature_means``, ``signature_shifts``, ``pseudobulk_de_summary``,
     ``pseudobulk_de/<cell_type>__<contrast>``, ``signature_enrichment``,
-    ``composition``, ``covariate_associations`` (with covariates) and
+    ``composition``, ``composition_absolute`` (with ``absolute_total_column``),
+    ``covariate_associations`` (with covariates) and
     ``differential_dropped`` (columns: ``docs/outputs.md``).
 
     Raises
@@ -132,8 +140,23 @@ def run_differential(
         test=dcfg.test,
         min_cells=dcfg.min_cells,
         min_donors=dcfg.min_donors,
+        primary=dcfg.primary,
+        roles=signature_roles(adata),
+        optimizers=dcfg.mixed_optimizers,
     )
     dropped += d_shift
+    for text in shift_warnings(shifts, contrasts, min_donors=dcfg.min_donors, primary=dcfg.primary):
+        warnings.warn(text, ImmuneageWarning, stacklevel=2)
+    global_tests, d_global = signature_global_tests(
+        means,
+        samples,
+        timepoints=cfg.design.timepoints if dcfg.global_test else [],
+        min_cells=dcfg.min_cells,
+        min_donors=dcfg.min_donors,
+        primary=dcfg.primary,
+        roles=signature_roles(adata),
+    )
+    dropped += d_global
 
     pb = pseudobulk(adata, chunk_size=cfg.chunk_size)
     de_tables: dict[str, pd.DataFrame] = {}
@@ -142,10 +165,15 @@ def run_differential(
         de_tables, de_summary, d_de = pseudobulk_de(pb, contrasts, dcfg)
         dropped += d_de
     enrichment = pd.DataFrame(columns=list(ENRICHMENT_COLUMNS))
-    if dcfg.enrichment == "ulm" and de_tables:
+    if dcfg.enrichment != "none" and de_tables:
         if gene_sets:
             enrichment = signature_enrichment(
-                de_tables, gene_sets, min_genes=dcfg.enrichment_min_genes
+                de_tables,
+                gene_sets,
+                min_genes=dcfg.enrichment_min_genes,
+                method=dcfg.enrichment,
+                pseudobulks=pb,
+                pseudobulk_min_cells=dcfg.pseudobulk_min_cells,
             )
         else:
             warnings.warn(
@@ -159,17 +187,41 @@ def run_differential(
         obs,
         contrasts,
         samples,
+        method=dcfg.composition_method,
+        transform=dcfg.composition_transform,
+        moderate=dcfg.composition_moderate,
+        min_prevalence=dcfg.composition_min_prevalence,
+        min_prop=dcfg.composition_min_prop,
         pseudocount=dcfg.pseudocount,
         log_ratios=dcfg.log_ratios,
         min_donors=dcfg.min_donors,
     )
     dropped += d_comp
+    composition_absolute = None
+    if dcfg.absolute_total_column is not None:
+        composition_absolute, d_abs = absolute_composition_tests(
+            obs,
+            contrasts,
+            samples,
+            absolute_totals(cfg, samples),
+            total_column=dcfg.absolute_total_column,
+            min_prevalence=dcfg.composition_min_prevalence,
+            min_prop=dcfg.composition_min_prop,
+            pseudocount=dcfg.pseudocount,
+            min_donors=dcfg.min_donors,
+        )
+        dropped += d_abs
 
     tables: dict[str, pd.DataFrame] = {}
-    if dcfg.covariates is not None:
-        cov = read_covariates(dcfg.covariates, samples, dcfg.covariate_columns)
+    cov_columns = None if dcfg.covariates is None else covariate_columns(cfg, dcfg.covariates)
+    if cov_columns != [] and dcfg.covariates is not None:
+        cov = read_covariates(dcfg.covariates, samples, cov_columns)
         assoc, d_cov = covariate_associations(
-            means, cov, min_donors=dcfg.min_donors, adjust_timepoint=dcfg.covariate_adjust_timepoint
+            means,
+            cov,
+            min_donors=dcfg.min_donors,
+            adjust_timepoint=dcfg.covariate_adjust_timepoint,
+            optimizers=dcfg.mixed_optimizers,
         )
         dropped += d_cov
         tables["covariate_associations"] = assoc
@@ -207,9 +259,11 @@ def run_differential(
     tables |= {
         "signature_means": means,
         "signature_shifts": shifts,
+        "signature_global": global_tests,
         "pseudobulk_de_summary": de_summary,
         "signature_enrichment": enrichment,
         "composition": composition,
+        **({} if composition_absolute is None else {"composition_absolute": composition_absolute}),
         "differential_dropped": _frame(dropped, DROPPED_COLUMNS).drop_duplicates(ignore_index=True),
     }
     tables |= de_tables
@@ -222,10 +276,31 @@ def run_differential(
             "signatures": list(score_cols),
             "n_signature_tests": len(shifts),
             "n_signature_q_lt_0_1": int((shifts["q_value"] < 0.1).sum()) if len(shifts) else 0,
+            "signature_families": {
+                str(k): int(v) for k, v in shifts["family"].value_counts().items()
+            },
+            "primary": json.dumps(dcfg.primary),  # a string: keys may hold '/' (h5py paths)
+            "n_global_tests": len(global_tests),
             "n_de_tables": n_de,
+            "enrichment": dcfg.enrichment,
+            "n_enrichment_q_lt_0_1": int((enrichment["q_value"] < 0.1).sum()),
             "n_dropped": len(dropped),
             "device": str(device),
             "pseudocount": dcfg.pseudocount,
+            "composition_method": dcfg.composition_method,
+            "composition_transform": dcfg.composition_transform,
+            "composition_moderate": dcfg.composition_moderate,
+            "composition_min_prevalence": dcfg.composition_min_prevalence,
+            "composition_min_prop": dcfg.composition_min_prop,
+            "absolute_total_column": dcfg.absolute_total_column or "",
+            "n_composition_q_lt_0_1": int((composition["q_value"] < 0.1).sum()),
+            "n_composition_absolute_q_lt_0_1": (
+                int((composition_absolute["q_value"] < 0.1).sum())
+                if composition_absolute is not None
+                else 0
+            ),
+            "covariate_adjust_timepoint": dcfg.covariate_adjust_timepoint,
+            "mixed_optimizers": list(dcfg.mixed_optimizers),
         }
     }
     return StageResult(adata=pb, tables=tables)
