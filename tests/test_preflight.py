@@ -137,6 +137,48 @@ def test_covariate_columns_without_covariates_file(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("covariates", "culprits"),
+    [
+        (None, ("absolute_total_column is 'pbmc_per_ul'", "differential.covariates")),
+        ({"betaine": 1.0}, ("'pbmc_per_ul' is not a column", "betaine")),
+        ({"pbmc_per_ul": 0.0}, ("pbmc_per_ul = 0 is not a positive number",)),
+    ],
+)
+def test_absolute_totals_are_checked_before_compute(tmp_path, capsys, covariates, culprits):
+    """Absolute abundance needs a positive total per sample from the covariates file: no
+    file, no such column, or a total <= 0 stops validate (and a run) before anything runs."""
+    root = tmp_path / "in"
+    sheet = write_cohort(root, n_cells=25)
+    values: dict = {"absolute_total_column": "pbmc_per_ul"}
+    if covariates is not None:
+        cov = _sheet(root)[["sample"]].assign(**covariates)
+        cov.to_csv(root / "cov.csv", index=False)
+        values["covariates"] = str(root / "cov.csv")
+    _config(root, "differential", values)
+    _refused_here(sheet, capsys, *culprits)
+
+
+def test_absolute_totals_alone_are_not_covariates(tmp_path, capsys):
+    """A covariates file holding only the totals passes: the totals column is not tested as
+    a covariate, so no covariate association is attempted."""
+    root = tmp_path / "in"
+    sheet = write_cohort(root, n_cells=25)
+    cov = _sheet(root)[["sample"]].assign(pbmc_per_ul=2500.0)
+    cov.loc[0, "pbmc_per_ul"] = np.nan  # unknown: that sample leaves the absolute test only
+    cov.to_csv(root / "cov.csv", index=False)
+    _config(
+        root,
+        "differential",
+        {"absolute_total_column": "pbmc_per_ul", "covariates": str(root / "cov.csv")},
+    )
+    _validate_here(sheet, capsys)
+    cfg = load_config(root / "config.yaml")
+    from pipeline.stages.differential.design import covariate_columns
+
+    assert covariate_columns(cfg, root / "cov.csv") == []
+
+
 # --------------------------------------------------------------------------- obs columns
 def test_continuous_covariate_with_blanks(tmp_path):
     root = tmp_path / "in"
