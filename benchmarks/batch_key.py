@@ -42,7 +42,9 @@ reference):
 (c) integration metrics (:func:`pipeline.stats.integration.integration_metrics`)
     of ``X_pca`` and ``X_scVI`` with the batch column ``sample`` and ``donor``
     and the true labels (cell type, the state as a label of its own): iLISI,
-    batch ASW, cell-type ASW, NMI, ARI; plus the integrate stage's own table;
+    batch ASW, cell-type ASW, NMI, ARI, and iLISI with the mean over cells
+    (``ilisi_mean_by_*``: the median moves in steps); plus the integrate
+    stage's own table;
 (d) the composition test's rows (``tables/composition.tsv``) for the state's
     type and NK in the state's contrast;
 (e) without the state: the same integration metrics and the share of each
@@ -197,6 +199,22 @@ def _state_separation(a: Any, st: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mean_ilisi(emb: np.ndarray, batch: pd.Series, k: int = 30) -> float:
+    """iLISI with the mean over cells instead of the median, same scaling.
+
+    With uniform weights over ``k`` neighbours the per-cell inverse Simpson's
+    index takes few distinct values, so the median (the stage's ``ilisi``) moves
+    in steps and often ties between embeddings; the mean resolves them.
+    """
+    codes, uniques = pd.factorize(batch.astype(str))
+    nn = _knn(emb, k)
+    counts = np.zeros((len(codes), len(uniques)))
+    np.add.at(counts, (np.repeat(np.arange(len(codes)), nn.shape[1]), codes[nn].ravel()), 1.0)
+    p = counts / nn.shape[1]
+    lisi = 1.0 / (p**2).sum(axis=1)
+    return float((lisi.mean() - 1.0) / (len(uniques) - 1.0))
+
+
 def _mixing(a: Any) -> dict[str, Any]:
     """Integration metrics (sample and donor as batch, true labels) and own-donor/sample neighbours."""
     from pipeline.stats.integration import integration_metrics
@@ -209,6 +227,8 @@ def _mixing(a: Any) -> dict[str, Any]:
         for r in m.itertuples():
             name = r.metric if r.kind == "bio_conservation" else f"{r.metric}_by_{batch}"
             out.setdefault(r.representation, {})[name] = round(float(r.value), 4)
+        for rep in ("X_pca", "X_scVI"):
+            out[rep][f"ilisi_mean_by_{batch}"] = round(_mean_ilisi(a.obsm[rep], a.obs[batch]), 4)
     typ = a.obs["true_label"].astype(str).to_numpy()
     for col in ("donor", "sample"):
         g = a.obs[col].astype(str).to_numpy()
