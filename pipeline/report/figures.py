@@ -40,6 +40,7 @@ __all__ = [
     "paired_means",
     "qc_cells",
     "qc_distributions",
+    "sample_handling",
     "scvi_history",
     "signature_coverage",
     "stage_resources",
@@ -1031,7 +1032,9 @@ def covariate_forest(cov: pd.DataFrame, *, q_threshold: float = 0.1, max_rows: i
     ----------
     cov
         ``tables/covariate_associations.tsv``: ``covariate``, ``cell_type``,
-        ``signature``, ``slope``, ``ci_low``, ``ci_high``, ``q_value``.
+        ``signature``, ``slope``, ``ci_low``, ``ci_high``, ``q_value``, and
+        ``component`` (``within``: slope on the donor-centred covariate;
+        ``between``: slope on the donor means), which labels each row.
     q_threshold
         Rows below it are drawn in red.
     max_rows
@@ -1039,7 +1042,8 @@ def covariate_forest(cov: pd.DataFrame, *, q_threshold: float = 0.1, max_rows: i
 
     Returns
     -------
-    A forest plot.
+    A forest plot; each row labelled ``covariate (component) · cell type ·
+    signature (q)``.
     """
     d = (
         cov.assign(qv=pd.to_numeric(cov["q_value"], errors="coerce"))
@@ -1059,10 +1063,53 @@ def covariate_forest(cov: pd.DataFrame, *, q_threshold: float = 0.1, max_rows: i
     ax.hlines(y, lo, hi, colors=colors, lw=1.2)
     ax.scatter(slope, y, c=colors, s=18, zorder=3)
     ax.axvline(0, color="#bbbbbb", lw=0.8)
+    comp = [f" ({c})" for c in d["component"].astype(str)] if "component" in d.columns else [""] * n
     labels = [
-        f"{r.covariate} · {r.cell_type} · {r.signature} (q={r.qv:.2g})" for r in d.itertuples()
+        f"{r.covariate}{c} · {r.cell_type} · {r.signature} (q={r.qv:.2g})"
+        for r, c in zip(d.itertuples(), comp, strict=True)
     ]
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("slope (score per covariate unit), 95% CI")
+    return fig
+
+
+def sample_handling(
+    handling: pd.DataFrame,
+    columns: Sequence[str],
+    timepoints: Sequence[str],
+    *,
+    ncols: int = 4,
+) -> Figure:
+    """A sample-handling control score per sample by timepoint, one panel per column.
+
+    Parameters
+    ----------
+    handling
+        ``tables/sample_handling.tsv``: ``sample``, ``donor``, ``timepoint``
+        and the control columns (``ieg_dissociation``, ``ieg_dissociation_<lineage>``).
+    columns
+        The columns drawn, one panel each.
+    timepoints
+        Timepoint levels in order (x axis).
+    ncols
+        Panels per row.
+
+    Returns
+    -------
+    Small multiples: a grey line per donor joining its samples, the mean in black.
+    """
+    cols = [c for c in columns if c in handling.columns]
+    nrows, nc = _grid(max(len(cols), 1), ncols)
+    fig = _figure(2.6 * nc, 2.2 * nrows + 0.4)
+    axes = np.atleast_1d(fig.subplots(nrows, nc, squeeze=False)).ravel()
+    if not cols:
+        _empty(axes[0], "no sample-handling control column")
+    for ax, col in zip(axes, cols, strict=False):
+        wide = handling.assign(_v=pd.to_numeric(handling[col], errors="coerce")).pivot_table(
+            index=keys.DONOR, columns=keys.TIMEPOINT, values="_v", aggfunc="mean", observed=True
+        )
+        _paired_panel(ax, wide, timepoints, title=str(col), ylabel="mean score")
+    for ax in axes[max(len(cols), 1) :]:
+        ax.set_axis_off()
     return fig

@@ -37,11 +37,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TABLES",
+    "FamilyRule",
     "Finding",
     "RenderedReport",
     "ReportTables",
     "build_report",
     "encode_figure",
+    "enrichment_for_heatmap",
+    "fdr_rules",
     "key_findings",
     "marker_expression",
     "read_tables",
@@ -60,10 +63,13 @@ TABLES = (
     "cell_type_counts",
     "cell_type_clusters",
     "signature_coverage",
+    "sample_handling",
     "signature_shifts",
+    "signature_global",
     "signature_means",
     "signature_enrichment",
     "composition",
+    "composition_absolute",
     "covariate_associations",
     "pseudobulk_de_summary",
     "differential_dropped",
@@ -158,6 +164,246 @@ def read_tables(tables_dir: Path) -> ReportTables:
     return out
 
 
+# --------------------------------------------------------------------------- FDR families
+#: Tables whose q-values come in FDR families (a ``family`` column), in report order.
+FAMILY_TABLES = (
+    "signature_shifts",
+    "signature_global",
+    "composition",
+    "composition_absolute",
+    "signature_enrichment",
+    "covariate_associations",
+)
+
+#: What each table's numbers answer: the question, relative or absolute, adjusted or not.
+TABLE_QUESTIONS = {
+    "signature_shifts": (
+        "change of a cell type's donor-mean score between two timepoints, within donors "
+        "(test minus reference); not adjusted for covariates or sample handling"
+    ),
+    "signature_global": (
+        "any difference of the donor-mean score between the timepoints, within donors "
+        "(Hotelling's T², no sphericity assumed); not adjusted for covariates"
+    ),
+    "composition": (
+        "relative abundance: shares of the sample's assigned cells (when one type rises, the "
+        "others' shares fall)"
+    ),
+    "composition_absolute": "absolute abundance: cells per µL (share × the sample's total)",
+    "signature_enrichment": (
+        "whether a signature's genes rank higher or lower than the other genes in the "
+        "pseudobulk DE statistics (competitive, relative to the other genes)"
+    ),
+    "covariate_associations": "slope of the donor-mean score on a per-sample covariate",
+}
+
+#: What the FDR family names of the ``family`` columns stand for.
+FAMILY_MEANING = {
+    "primary": "cell type × signature pairs named in differential.primary",
+    "exploratory": "programme pairs not named in differential.primary",
+    "all": "every programme pair (differential.primary is null)",
+    "control": "sample-handling control signatures, e.g. ieg_dissociation",
+    "composition_relative": "each type's share",
+    "composition_log_ratio": "log-ratios of two type groups",
+    "composition_absolute": "cells per µL of each type",
+    "enrichment_camera": "camera, inter-gene correlation accounted for",
+    "enrichment_ulm": "ULM, genes assumed independent",
+}
+
+#: Families never listed as findings (a control measures sample handling, not biology).
+CONTROL_FAMILIES = frozenset({"control"})
+
+#: Order of the signature families in the key findings (primary hypotheses first).
+_FAMILY_RANK = {"primary": 0, "all": 1, "exploratory": 2, "composition_relative": 0}
+
+
+def _family_meaning(family: str) -> str:
+    if family in FAMILY_MEANING:
+        return FAMILY_MEANING[family]
+    cov, _, comp = family.rpartition(":")
+    if comp == "within":
+        return f"slopes on the donor-centred {cov}: a donor's score following their own {cov}"
+    if comp == "between":
+        return (
+            f"slopes on the donors' mean {cov}: a comparison of donors, open to donor-level "
+            "confounding"
+        )
+    return family
+
+
+def _truthy(values: pd.Series) -> np.ndarray:
+    """``True``/``"True"``/``1`` -> True (a TSV column read back as bool or text)."""
+    return values.astype(str).str.strip().str.lower().isin(("true", "1", "1.0")).to_numpy()
+
+
+def calibrated_mask(t: pd.DataFrame) -> np.ndarray:
+    """Rows whose p-values a calibration test checks (enrichment: ``calibrated``).
+
+    Tables without a ``calibrated`` column are calibrated, except an enrichment
+    table of the old shape (``method`` absent or not ``camera``: ULM).
+    """
+    if "calibrated" in t.columns:
+        return _truthy(t["calibrated"])
+    if "method" in t.columns and "score" in t.columns:
+        return (t["method"].astype(str) == "camera").to_numpy()
+    if "score" in t.columns and "signature" in t.columns and "slope" not in t.columns:
+        return np.zeros(len(t), dtype=bool)
+    return np.ones(len(t), dtype=bool)
+
+
+def _families(t: pd.DataFrame) -> pd.Series:
+    if "family" in t.columns:
+        return t["family"].astype(str).where(t["family"].notna(), "")
+    return pd.Series("", index=t.index)
+
+
+def _matches_bh(p: np.ndarray, q: np.ndarray) -> bool:
+    from ..stats.multitest import bh_adjust
+
+    ok = np.isfinite(p) & (p >= 0) & (p <= 1)
+    want = np.full(p.shape, np.nan)
+    want[ok] = bh_adjust(p[ok])
+    return bool(np.allclose(want, q, rtol=2e-3, atol=1e-7, equal_nan=True))
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """The FDR family of a table's q-values, read from the table itself.
+
+    Attributes
+    ----------
+    table
+        Table name (``signature_shifts``, ``composition``, ...).
+    family
+        The ``family`` value (``""`` for a table without that column).
+    n_tests
+        Rows of the family with a q-value (the ``m`` of its BH).
+    contrasts
+        The contrasts its rows span (empty for tables without contrasts).
+    scope
+        How the q-values were found to be computed, by recomputing BH from
+        ``p_value``: ``family`` (over every row of the family, all contrasts
+        together), ``contrast`` (within each contrast of the family),
+        ``unverified`` (neither matches) or ``untested`` (no q-value).
+    calibrated
+        Whether its p-values come from a calibrated test (``False``: ULM).
+    questions
+        The family's ``question`` values (composition tables), else empty.
+    """
+
+    table: str
+    family: str
+    n_tests: int
+    contrasts: tuple[str, ...]
+    scope: str
+    calibrated: bool = True
+    questions: tuple[str, ...] = ()
+
+    @property
+    def meaning(self) -> str:
+        """What the family name stands for."""
+        return _family_meaning(self.family) if self.family else "the whole table (no families)"
+
+    def rule(self) -> str:
+        """The BH rule in words, e.g. ``BH over its 24 tests, 2 contrasts together``."""
+        k = len(self.contrasts)
+        if self.scope == "untested":
+            return "no test had a p-value"
+        if self.scope == "unverified":
+            return (
+                "its q-values match BH neither over the family nor within each contrast "
+                "(recomputed from p_value): read them with care"
+            )
+        if self.scope == "contrast":
+            return f"BH within each contrast separately ({self.n_tests} tests over {k} contrasts)"
+        if k > 1:
+            both = "both" if k == 2 else f"all {k}"
+            return f"BH over its {self.n_tests} tests, {both} contrasts together"
+        return f"BH over its {self.n_tests} tests"
+
+    def short(self) -> str:
+        """``<family> family: <rule>`` (``q: <rule>`` without a family)."""
+        head = f"{self.family} family" if self.family else "q"
+        return f"{head}: {self.rule()}"
+
+
+def fdr_rules(tables: ReportTables) -> list[FamilyRule]:
+    """The FDR family rule of every q-value table present, generated from the tables.
+
+    Each family's scope is checked by recomputing Benjamini-Hochberg from
+    ``p_value`` (over the family, then within each contrast), so the report
+    states what the numbers are, not what they were meant to be.
+
+    Returns
+    -------
+    One :class:`FamilyRule` per table (:data:`FAMILY_TABLES`) x family, in
+    table order and order of appearance.
+    """
+    out: list[FamilyRule] = []
+    for name in FAMILY_TABLES:
+        t = tables.get(name)
+        if t is None or t.empty or "q_value" not in t.columns:
+            continue
+        fams = _families(t)
+        cal = calibrated_mask(t)
+        for fam in dict.fromkeys(fams):
+            m = (fams == fam).to_numpy()
+            g = t.loc[m]
+            q = pd.to_numeric(g["q_value"], errors="coerce").to_numpy(dtype=float)
+            p = (
+                pd.to_numeric(g["p_value"], errors="coerce").to_numpy(dtype=float)
+                if "p_value" in g.columns
+                else np.full(len(g), np.nan)
+            )
+            cons = (
+                tuple(dict.fromkeys(g["contrast"].astype(str))) if "contrast" in g.columns else ()
+            )
+            if not np.isfinite(q).any():
+                scope = "untested"
+            elif _matches_bh(p, q):
+                scope = "family"
+            elif cons and all(
+                _matches_bh(p[(g["contrast"].astype(str) == c).to_numpy()],
+                            q[(g["contrast"].astype(str) == c).to_numpy()])
+                for c in cons
+            ):  # fmt: skip
+                scope = "contrast"
+            else:
+                scope = "unverified"
+            questions = (
+                tuple(dict.fromkeys(g["question"].dropna().astype(str)))
+                if "question" in g.columns
+                else ()
+            )
+            out.append(
+                FamilyRule(
+                    name,
+                    fam,
+                    int(np.isfinite(q).sum()),
+                    cons,
+                    scope,
+                    bool(cal[m].all()),
+                    questions,
+                )
+            )
+    return out
+
+
+def _rule_lookup(rules: Sequence[FamilyRule]) -> dict[tuple[str, str], FamilyRule]:
+    return {(r.table, r.family): r for r in rules}
+
+
+def _caption_rule(rules: Sequence[FamilyRule], table: str, rows: pd.DataFrame | None = None) -> str:
+    """One line for a table caption: each family (of ``rows``, if given) and its BH rule."""
+    fams = None if rows is None else set(_families(rows))
+    parts = []
+    for r in rules:
+        if r.table != table or (fams is not None and r.family not in fams):
+            continue
+        parts.append(r.short() + ("" if r.calibrated else " (not calibrated)"))
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------- findings
 @dataclass(frozen=True)
 class Finding:
@@ -166,19 +412,22 @@ class Finding:
     Attributes
     ----------
     kind
-        ``signature``, ``composition`` or ``de``.
+        ``signature``, ``composition`` (relative abundance and log-ratios),
+        ``composition_absolute``, ``enrichment`` or ``de``.
     contrast
         The contrast (``<test>_vs_<reference>``).
     cell_type
-        The cell type.
+        The cell type (or log-ratio name).
     what
-        The signature, ``proportion``, or ``genes``.
+        The signature, ``proportion``, ``log_ratio``, ``cells_per_ul`` or ``genes``.
     direction
-        ``up`` or ``down`` (``mixed`` for DE gene counts).
+        ``up`` or ``down`` (``mixed`` for DE gene counts and unchanged means).
     text
-        The sentence shown (effect, CI, q, donors).
+        The sentence shown (effect, CI, q and what it answers, donors).
     q_value
         The q-value the ranking uses.
+    family
+        The FDR family of ``q_value`` (``""`` for DE: BH over the genes of one result).
     """
 
     kind: str
@@ -188,6 +437,7 @@ class Finding:
     direction: str
     text: str
     q_value: float
+    family: str = ""
 
 
 def _num(x: Any) -> float:
@@ -231,90 +481,211 @@ def _sig_rows(t: pd.DataFrame | None, q_threshold: float) -> pd.DataFrame:
     return t.assign(q_value=q)[q < q_threshold].sort_values("q_value", kind="stable")
 
 
+def _ranked(sig: pd.DataFrame) -> pd.DataFrame:
+    """Significant rows, primary family first, then by q."""
+    if sig.empty:
+        return sig
+    rank = _families(sig).map(lambda f: _FAMILY_RANK.get(f, 3))
+    return sig.assign(_rank=rank.to_numpy()).sort_values(["_rank", "q_value"], kind="stable")
+
+
+def _change_direction(r: Any, reference: str, test: str) -> str:
+    """``up``/``down`` from the table's ``direction``, else from the change of the means.
+
+    Never from the sign of a transformed effect (a logit, CLR or log-ratio
+    difference can disagree with the change of the mean share).
+    """
+    d = str(getattr(r, "direction", "") or "").strip().lower()
+    if d in ("up", "down"):
+        return d
+    a, b = _num(getattr(r, reference, np.nan)), _num(getattr(r, test, np.nan))
+    if math.isfinite(a) and math.isfinite(b) and a != b:
+        return "up" if b > a else "down"
+    return "unchanged"
+
+
+def _q_text(q: float, rule: FamilyRule | None) -> str:
+    return f"q = {q:.2g}" + (f" ({rule.short()})" if rule is not None else "")
+
+
+def _effect_text(r: Any) -> str:
+    eff = _num(getattr(r, "effect", np.nan))
+    if not math.isfinite(eff):
+        return ""
+    scale = str(getattr(r, "scale", "") or "").strip()
+    scale = "" if scale in ("", "nan") else f" {scale}"
+    return f"; effect {eff:+.3g}{scale}{_ci(r.ci_low, r.ci_high).replace(' (', ', ').rstrip(')')}"
+
+
+def _donors_text(r: Any) -> str:
+    n = _num(getattr(r, "n_donors", np.nan))
+    return f", {int(n)} donors" if math.isfinite(n) else ""
+
+
 def key_findings(
     tables: ReportTables, *, q_threshold: float, max_findings: int
 ) -> dict[str, dict[str, Any]]:
-    """Significant shifts per contrast, computed from the result tables.
+    """Significant results per contrast, computed from the result tables.
+
+    Signature shifts of the ``primary`` family come first; the sample-handling
+    ``control`` family is never listed (the report shows it as a control);
+    composition directions come from the change of the mean share (``direction``),
+    never from a transformed effect's sign; enrichment results only from
+    calibrated rows (camera, never ULM). Each text names the FDR family of its
+    q-value and its BH rule (:func:`fdr_rules`).
 
     Parameters
     ----------
     tables
-        The run's tables (signature shifts, composition, pseudobulk DE).
+        The run's tables (signature shifts, composition, absolute composition,
+        enrichment, pseudobulk DE).
     q_threshold
         A result counts when its BH q-value is below this.
     max_findings
-        Per contrast and kind, at most this many findings (smallest q first).
+        Per contrast and kind, at most this many findings (primary family
+        first, then smallest q).
 
     Returns
     -------
-    Contrast -> ``{"signature": [Finding], "composition": [...], "de": [...],
-    "n_tests": {kind: tests done}, "n_significant": {kind: count}}``.
+    Contrast -> ``{"signature": [Finding], "composition": [...],
+    "composition_absolute": [...], "enrichment": [...], "de": [...],
+    "n_tests": {kind: tests done}, "n_significant": {kind: count},
+    "by_family": {kind: [(family, n_significant, n_tests)]}}``.
     """
     out: dict[str, dict[str, Any]] = {}
+    rules = _rule_lookup(fdr_rules(tables))
+    kinds = ("signature", "composition", "composition_absolute", "enrichment", "de")
 
     def slot(con: str) -> dict[str, Any]:
         return out.setdefault(
             con,
-            {"signature": [], "composition": [], "de": [], "n_tests": {}, "n_significant": {}},
+            {k: [] for k in kinds} | {"n_tests": {}, "n_significant": {}, "by_family": {}},
         )
 
     def tested(con: str, kind: str, g: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
-        """The contrast's slot and its rows below the threshold; counts tests and hits."""
+        """The contrast's slot and its rows below the threshold, primary family first."""
         s = slot(con)
-        sig = _sig_rows(g, q_threshold)
-        s["n_tests"][kind] = int(pd.to_numeric(g["q_value"], errors="coerce").notna().sum())
+        sig = _ranked(_sig_rows(g, q_threshold))
+        q = pd.to_numeric(g["q_value"], errors="coerce")
+        s["n_tests"][kind] = int(q.notna().sum())
         s["n_significant"][kind] = len(sig)
+        fams = _families(g)
+        s["by_family"][kind] = [
+            (f, int(((fams == f) & (q < q_threshold)).sum()), int(((fams == f) & q.notna()).sum()))
+            for f in sorted(dict.fromkeys(fams), key=lambda f: _FAMILY_RANK.get(f, 3))
+            if f
+        ]
         return s, sig
+
+    def per_contrast(t: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame]]:
+        if t is None or t.empty or "contrast" not in t.columns:
+            return []
+        return list(t.groupby(t["contrast"].astype(str), sort=False))
 
     shifts = tables.get("signature_shifts")
     if shifts is not None:
-        for con, g in shifts.groupby(shifts["contrast"].astype(str), sort=False):
-            s, sig = tested(con, "signature", g)
-            for r in sig.head(max_findings).itertuples(index=False):
-                eff = _num(r.effect)
-                direction = "up" if eff > 0 else "down"
-                dz = _num(getattr(r, "dz", float("nan")))
-                dz_txt = f", dz {dz:+.2f}" if math.isfinite(dz) else ""
-                text = (
-                    f"{r.signature} {'higher' if eff > 0 else 'lower'} in {r.cell_type}: "
-                    f"score {eff:+.3g}{_ci(r.ci_low, r.ci_high)}{dz_txt}, "
-                    f"q = {r.q_value:.2g}, {int(_num(r.n_donors))} donors"
+        shifts = shifts.loc[~_families(shifts).isin(CONTROL_FAMILIES).to_numpy()]
+    for con, g in per_contrast(shifts):
+        s, sig = tested(con, "signature", g)
+        for r in sig.head(max_findings).itertuples(index=False):
+            eff = _num(r.effect)
+            fam = str(getattr(r, "family", "") or "")
+            dz = _num(getattr(r, "dz", float("nan")))
+            dz_txt = f", dz {dz:+.2f}" if math.isfinite(dz) else ""
+            text = (
+                f"{r.signature} {'higher' if eff > 0 else 'lower'} in {r.cell_type}: "
+                f"score {eff:+.3g}{_ci(r.ci_low, r.ci_high)}{dz_txt}, "
+                f"{_q_text(r.q_value, rules.get(('signature_shifts', fam)))}{_donors_text(r)}"
+            )
+            s["signature"].append(
+                Finding(
+                    "signature",
+                    con,
+                    str(r.cell_type),
+                    str(r.signature),
+                    "up" if eff > 0 else "down",
+                    text,
+                    float(r.q_value),
+                    fam,
                 )
-                s["signature"].append(
+            )
+
+    for name in ("composition", "composition_absolute"):
+        for con, g in per_contrast(tables.get(name)):
+            s, sig = tested(con, name, g)
+            for r in sig.head(max_findings).itertuples(index=False):
+                fam = str(getattr(r, "family", "") or "")
+                rule = rules.get((name, fam))
+                kind_ = str(getattr(r, "kind", "") or "")
+                if name == "composition_absolute":
+                    what = "cells_per_ul"
+                    d = _change_direction(r, "mean_per_ul_reference", "mean_per_ul_test")
+                    head = (
+                        f"{r.cell_type} cells per µL {d} (absolute abundance): "
+                        f"{_num(r.mean_per_ul_reference):.3g} → {_num(r.mean_per_ul_test):.3g} "
+                        "cells/µL"
+                    )
+                elif kind_ == "log_ratio" or fam == "composition_log_ratio":
+                    what = "log_ratio"
+                    d = _change_direction(r, "mean_prop_reference", "mean_prop_test")
+                    head = (
+                        f"{r.cell_type} {d}: numerator share of numerator + denominator "
+                        f"{100 * _num(r.mean_prop_reference):.2f}% → "
+                        f"{100 * _num(r.mean_prop_test):.2f}%"
+                    )
+                else:
+                    what = "proportion"
+                    d = _change_direction(r, "mean_prop_reference", "mean_prop_test")
+                    head = (
+                        f"{r.cell_type} share {d} (relative abundance): "
+                        f"{100 * _num(r.mean_prop_reference):.2f}% → "
+                        f"{100 * _num(r.mean_prop_test):.2f}% of assigned cells"
+                    )
+                text = f"{head}{_effect_text(r)}, {_q_text(r.q_value, rule)}{_donors_text(r)}"
+                s[name].append(
                     Finding(
-                        "signature",
+                        name,
                         con,
                         str(r.cell_type),
-                        str(r.signature),
-                        direction,
+                        what,
+                        d if d in ("up", "down") else "mixed",
                         text,
                         float(r.q_value),
+                        fam,
                     )
                 )
-    comp = tables.get("composition")
-    if comp is not None:
-        for con, g in comp.groupby(comp["contrast"].astype(str), sort=False):
-            s, sig = tested(con, "composition", g)
-            for r in sig.head(max_findings).itertuples(index=False):
-                eff = _num(r.effect_clr)
-                direction = "up" if eff > 0 else "down"
-                text = (
-                    f"{r.cell_type} proportion {'up' if eff > 0 else 'down'}: "
-                    f"{100 * _num(r.mean_prop_reference):.2f}% → {100 * _num(r.mean_prop_test):.2f}% "
-                    f"(CLR {eff:+.3g}{_ci(r.ci_low, r.ci_high).replace(' (', '; ').rstrip(')')}), "
-                    f"q = {r.q_value:.2g}, {int(_num(r.n_donors))} donors"
+
+    enr = tables.get("signature_enrichment")
+    if enr is not None:
+        enr = enr.loc[calibrated_mask(enr)]
+    for con, g in per_contrast(enr):
+        s, sig = tested(con, "enrichment", g)
+        for r in sig.head(max_findings).itertuples(index=False):
+            fam = str(getattr(r, "family", "") or "")
+            score = _num(r.score)
+            d = str(getattr(r, "direction", "") or "").strip().lower()
+            d = d if d in ("up", "down") else ("up" if score > 0 else "down")
+            cor = _num(getattr(r, "inter_gene_cor", np.nan))
+            cor_txt = f", inter-gene correlation {cor:.2f}" if math.isfinite(cor) else ""
+            method = str(getattr(r, "method", "") or "")
+            text = (
+                f"{r.signature} genes {'higher' if d == 'up' else 'lower'} than the other genes "
+                f"in {r.cell_type} DE ({method}{cor_txt}): score {score:+.3g}, "
+                f"{_q_text(r.q_value, rules.get(('signature_enrichment', fam)))}"
+            )
+            s["enrichment"].append(
+                Finding(
+                    "enrichment",
+                    con,
+                    str(r.cell_type),
+                    str(r.signature),
+                    d,
+                    text,
+                    float(r.q_value),
+                    fam,
                 )
-                s["composition"].append(
-                    Finding(
-                        "composition",
-                        con,
-                        str(r.cell_type),
-                        "proportion",
-                        direction,
-                        text,
-                        float(r.q_value),
-                    )
-                )
+            )
+
     if tables.pseudobulk_de:
         summary = tables.get("pseudobulk_de_summary")
         donors: dict[tuple[str, str], Any] = {}
@@ -345,7 +716,11 @@ def key_findings(
             nd_txt = (
                 f", {int(_num(nd))} donors" if nd is not None and math.isfinite(_num(nd)) else ""
             )
-            text = f"{ct}: {n_sig} genes at q < {q_threshold:g} ({n_up} up, {n_down} down{nd_txt}); top: {genes}"
+            text = (
+                f"{ct}: {n_sig} gene{'' if n_sig == 1 else 's'} at q < {q_threshold:g} "
+                f"({n_up} up, {n_down} down{nd_txt}; "
+                f"BH over the genes of this cell type and contrast); top: {genes}"
+            )
             direction = "up" if n_up > n_down else "down" if n_down > n_up else "mixed"
             per_con.setdefault(con, []).append(
                 Finding("de", con, ct, "genes", direction, text, float(q[m].min()))
@@ -355,7 +730,8 @@ def key_findings(
             s["n_significant"]["de"] = len(items)
             s["de"] = sorted(items, key=lambda f: f.q_value)[:max_findings]
         for con in out:
-            out[con]["n_significant"].setdefault("de", 0)
+            if "de" in out[con]["n_tests"]:
+                out[con]["n_significant"].setdefault("de", 0)
     return out
 
 
@@ -461,13 +837,23 @@ def _table(
     collapsed: bool | None = None,
     max_rows: int = 500,
 ) -> _Table:
+    """A table block; with ``q_threshold``, rows below it are highlighted.
+
+    Only rows from a calibrated test are highlighted (:func:`calibrated_mask`:
+    never ULM enrichment rows).
+    """
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
     d = df[cols].head(max_rows)
     rows = [[_fmt(v) for v in r] for r in d.itertuples(index=False, name=None)]
     classes = [""] * len(rows)
-    if q_threshold is not None and "q_value" in d.columns:
-        q = pd.to_numeric(d["q_value"], errors="coerce").to_numpy()
-        classes = ["sig" if np.isfinite(v) and v < q_threshold else "" for v in q]
+    if q_threshold is not None and "q_value" in df.columns:
+        head = df.head(max_rows)
+        q = pd.to_numeric(head["q_value"], errors="coerce").to_numpy()
+        ok = calibrated_mask(head)
+        classes = [
+            "sig" if c and np.isfinite(v) and v < q_threshold else ""
+            for v, c in zip(q, ok, strict=True)
+        ]
     if len(df) > max_rows:
         caption += f" (first {max_rows} of {len(df):,} rows; all in the TSV)"
     return _Table(
@@ -492,6 +878,10 @@ class _Section:
 
     def pre(self, text: str, *, summary: str) -> None:
         self.blocks.append({"type": "pre", "text": text, "summary": summary})
+
+    def items(self, title: str, items: list[tuple[str, list[str]]]) -> None:
+        """A titled list; each item a line with its sub-lines."""
+        self.blocks.append({"type": "list", "title": title, "entries": items})
 
 
 @dataclass
@@ -575,6 +965,294 @@ def _contrast_label(con: str) -> str:
     return con.replace("_vs_", " vs ").replace("_", " ")
 
 
+#: Columns of the composition tables shown in the report (``effect_clr``, kept in the
+#: TSV for old readers, is not shown: ``effect`` is on the scale its ``scale`` names).
+_COMPOSITION_SHOWN = (
+    "contrast",
+    "cell_type",
+    "kind",
+    "n_donors",
+    "mean_prop_reference",
+    "mean_prop_test",
+    "direction",
+    "effect",
+    "scale",
+    "ci_low",
+    "ci_high",
+    "dz",
+    "p_value",
+    "q_value",
+    "family",
+    "p_wilcoxon",
+    "note",
+)
+_ABSOLUTE_SHOWN = (
+    "contrast",
+    "cell_type",
+    "n_donors",
+    "mean_per_ul_reference",
+    "mean_per_ul_test",
+    "mean_prop_reference",
+    "mean_prop_test",
+    "direction",
+    "effect",
+    "scale",
+    "ci_low",
+    "ci_high",
+    "dz",
+    "p_value",
+    "q_value",
+    "family",
+    "p_wilcoxon",
+    "note",
+)
+_GLOBAL_SHOWN = (
+    "cell_type",
+    "signature",
+    "family",
+    "n_donors",
+    "timepoints",
+    "statistic",
+    "df1",
+    "df2",
+    "p_value",
+    "q_value",
+    "method",
+    "note",
+)
+
+
+def _unique_text(df: pd.DataFrame, column: str, default: str) -> str:
+    if column not in df.columns:
+        return default
+    vals = [v for v in dict.fromkeys(df[column].dropna().astype(str)) if v and v != "nan"]
+    return "; ".join(vals) if vals else default
+
+
+def _questions(df: pd.DataFrame) -> str:
+    return _unique_text(df, "question", "question not recorded")
+
+
+def _scales(df: pd.DataFrame) -> str:
+    return _unique_text(df, "scale", "unstated").replace("; ", " / ")
+
+
+def enrichment_for_heatmap(enr: pd.DataFrame) -> pd.DataFrame:
+    """The enrichment rows the report's heatmap draws, with the q-values it may star.
+
+    Rows of a calibrated method (camera) when there are any; otherwise every
+    row with ``q_value`` set to NaN, so an uncalibrated test (ULM) is drawn but
+    never starred.
+    """
+    cal = calibrated_mask(enr)
+    if cal.any():
+        return enr.loc[cal]
+    return enr.assign(q_value=np.nan)
+
+
+def _fdr_items(rules: Sequence[FamilyRule], tables: ReportTables) -> list[tuple[str, list[str]]]:
+    """Per table: what its numbers answer, and one line per FDR family with its BH rule."""
+    items: list[tuple[str, list[str]]] = []
+    for name in FAMILY_TABLES:
+        rs = [r for r in rules if r.table == name]
+        t = tables.get(name)
+        if not rs or t is None:
+            continue
+        head = f"{name}.tsv: {TABLE_QUESTIONS[name]}"
+        if name == "covariate_associations":
+            head += f"; adjusted for: {_unique_text(t, 'adjusted_for', 'not recorded')}"
+        subs = []
+        for r in rs:
+            line = (
+                f"family {r.family} ({r.meaning}): {r.rule()}"
+                if r.family
+                else f"no family column: {r.rule()}"
+            )
+            if r.questions:
+                line += f"; question: {'; '.join(r.questions)}"
+            if not r.calibrated:
+                line += (
+                    "; not calibrated (ULM ignores inter-gene correlation): never starred, "
+                    "highlighted or listed as a finding"
+                )
+            if r.family in CONTROL_FAMILIES:
+                line += "; shown under Sample-handling control (section 5), never a finding"
+            subs.append(line + ".")
+        items.append((head, subs))
+    if tables.pseudobulk_de:
+        n_ok, n_de = 0, len(tables.pseudobulk_de)
+        for de in tables.pseudobulk_de.values():
+            p = pd.to_numeric(de["p_value"], errors="coerce").to_numpy(dtype=float)
+            q = pd.to_numeric(de["q_value"], errors="coerce").to_numpy(dtype=float)
+            n_ok += _matches_bh(p, q)
+        items.append(
+            (
+                "pseudobulk_de/<cell type>__<contrast>.tsv: gene-level log2 fold changes, test vs "
+                "reference, donors paired",
+                [
+                    "one family per DE table: BH over its genes"
+                    + (
+                        f" (checked on all {n_de} tables)."
+                        if n_ok == n_de
+                        else f"; {n_de - n_ok} of {n_de} tables do not match BH when recomputed "
+                        "from p_value: read their q-values with care."
+                    )
+                ],
+            )
+        )
+    return items
+
+
+def _control_signatures(
+    coverage: pd.DataFrame | None, control_shifts: pd.DataFrame | None
+) -> list[str]:
+    """Signatures scored as sample-handling controls (coverage ``role``, shifts' control family)."""
+    names: list[str] = []
+    if coverage is not None and "role" in coverage.columns:
+        names += (
+            coverage.loc[coverage["role"].astype(str) == "control", "signature"]
+            .astype(str)
+            .tolist()
+        )
+    if control_shifts is not None and len(control_shifts):
+        names += control_shifts["signature"].astype(str).tolist()
+    return list(dict.fromkeys(names))
+
+
+def _handling_columns(
+    handling: pd.DataFrame, controls: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(per-sample control columns, per-lineage columns) of ``sample_handling``."""
+    cols = [
+        str(c)
+        for c in handling.columns
+        if c not in (keys.SAMPLE, keys.DONOR, keys.TIMEPOINT, "n_cells")
+        and pd.api.types.is_numeric_dtype(handling[c])
+    ]
+    main = [c for c in cols if c in controls]
+    if not main:  # no roles known: a column no other column extends
+        main = [c for c in cols if not any(o != c and c.startswith(o + "_") for o in cols)]
+    return main, [c for c in cols if c not in main]
+
+
+def _per_timepoint(
+    handling: pd.DataFrame, columns: Sequence[str], timepoints: Sequence[str]
+) -> pd.DataFrame:
+    """Mean, sd and range of the sample means of each column, per timepoint."""
+    rows = []
+    tp = handling[keys.TIMEPOINT].astype(str)
+    order = [t for t in timepoints if (tp == t).any()] + sorted(set(tp) - set(timepoints))
+    for c in columns:
+        v = pd.to_numeric(handling[c], errors="coerce")
+        for t in order:
+            x = v[(tp == t).to_numpy()].dropna()
+            rows.append(
+                {
+                    "measure": c,
+                    "timepoint": t,
+                    "n_samples": len(x),
+                    "mean": x.mean() if len(x) else np.nan,
+                    "sd": x.std(ddof=1) if len(x) > 1 else np.nan,
+                    "min": x.min() if len(x) else np.nan,
+                    "max": x.max() if len(x) else np.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _sample_handling_block(
+    s: _Section,
+    figs: _Figures,
+    handling: pd.DataFrame | None,
+    controls: Sequence[str],
+    control_shifts: pd.DataFrame | None,
+    rules: Sequence[FamilyRule],
+    timepoints: Sequence[str],
+    thr: float,
+) -> None:
+    """Section 5's sample-handling control: per sample, per timepoint, the control shifts."""
+    s.heading("Sample-handling control")
+    names = ", ".join(controls) if controls else "the control score"
+    s.note(
+        f"{names}: immediate-early / dissociation-response genes (FOS, JUN, EGR1, IER2, DUSP1, "
+        "...) rise with time to processing, dissociation and ex-vivo stress (van den Brink et "
+        "al. 2017). A difference between timepoints here is a difference in sample handling, "
+        "not biology, and makes inflammation-like readouts (e.g. nfkb_inflammation) at those "
+        "timepoints suspect. A control: never a finding."
+    )
+    if handling is not None and len(handling) and keys.TIMEPOINT in handling.columns:
+        main, lineage = _handling_columns(handling, controls)
+        shown = main + lineage
+        if shown:
+            figs.add(
+                s,
+                "sample_handling",
+                "Sample-handling control score of each sample (mean over its cells; per lineage: "
+                "over its cells of that lineage) by timepoint, a grey line per donor, black: the "
+                "mean. Higher: more immediate-early / dissociation response.",
+                lambda: F.sample_handling(handling, shown, timepoints),
+            )
+            s.table(
+                _table(
+                    _per_timepoint(handling, shown, timepoints),
+                    caption="Sample-handling control per timepoint: mean, sd and range of the "
+                    "sample means (tables/sample_handling.tsv)",
+                    collapsed=len(shown) > 3,
+                )
+            )
+        s.table(
+            _table(
+                handling,
+                caption="Sample-handling control per sample (tables/sample_handling.tsv)",
+                collapsed=True,
+            )
+        )
+    elif handling is not None:
+        s.note("tables/sample_handling.tsv has no samples.", kind="missing")
+    else:
+        s.note(
+            "tables/sample_handling.tsv is absent: no sample-handling control was scored "
+            "(score.genesets without ieg_dissociation, or a run before the score stage wrote it).",
+            kind="missing",
+        )
+    if control_shifts is None or control_shifts.empty:
+        return
+    q = pd.to_numeric(control_shifts["q_value"], errors="coerce")
+    hit = control_shifts.assign(q_value=q)[q < thr].sort_values("q_value")
+    rule = _caption_rule(rules, "signature_shifts").split("; ")
+    rule_txt = (
+        "; ".join(r for r in rule if r.startswith("control ")) or "q within the control family"
+    )
+    if len(hit):
+        parts = [
+            f"{r.signature} in {r.cell_type}, {_contrast_label(str(r.contrast))} "
+            f"({_num(r.effect):+.3g}, q = {r.q_value:.2g})"
+            for r in hit.head(12).itertuples(index=False)
+        ]
+        more = f" and {len(hit) - 12} more" if len(hit) > 12 else ""
+        s.note(
+            f"Handling differs between timepoints at q < {thr:g} ({rule_txt}): "
+            f"{'; '.join(parts)}{more}. Read inflammation-like shifts of these cell types and "
+            "contrasts with care.",
+            kind="missing",
+        )
+    else:
+        s.note(
+            f"No control shift reached q < {thr:g} ({rule_txt}): no handling difference between "
+            "timepoints was detected (which does not prove there is none)."
+        )
+    s.table(
+        _table(
+            control_shifts.sort_values("q_value", na_position="last"),
+            ["contrast", "cell_type", "signature", "family", "n_donors", "mean_reference",
+             "mean_test", "effect", "dz", "ci_low", "ci_high", "p_value", "q_value", "method"],
+            caption=f"Control signature shifts (tables/signature_shifts.tsv, {rule_txt}); a "
+            "handling check, not findings",
+            collapsed=True,
+        )
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- build
 def build_report(
     adata: AnnData,
@@ -618,6 +1296,7 @@ def build_report(
     sections = {sid: _Section(sid, title) for sid, title in SECTIONS}
     obs = adata.obs
     qc = tables.get("qc_per_sample")
+    rules = fdr_rules(tables)
 
     # 1 run summary -------------------------------------------------------
     s = sections["summary"]
@@ -797,31 +1476,100 @@ def build_report(
             )
     else:
         s.note("obs['cell_type'] is absent: the data were not annotated.", kind="missing")
+    s.heading("Cell-type composition")
     counts = tables.get("cell_type_counts")
     comp = tables.get("composition")
+    absolute = tables.get("composition_absolute")
+    comp_fam = _families(comp) if comp is not None else pd.Series(dtype=str)
+    relative = (
+        comp.loc[(comp_fam != "composition_log_ratio").to_numpy()] if comp is not None else None
+    )
+    ratios = (
+        comp.loc[(comp_fam == "composition_log_ratio").to_numpy()] if comp is not None else None
+    )
     if counts is not None:
         figs.add(
             s,
             "composition_per_donor",
-            "Cell-type share of each sample, one grey line per donor joining its timepoints, black: "
-            "mean; titles give the composition test's q per contrast (* q < "
-            f"{thr:g}, ** q < {thr / 10:g}); red frames: a significant shift.",
+            "Cell-type share of each sample (relative abundance), one grey line per donor joining "
+            "its timepoints, black: mean; titles give the relative-abundance test's q per contrast "
+            f"(* q < {thr:g}, ** q < {thr / 10:g}, within its FDR family); red frames: a "
+            "significant shift of the share.",
             lambda: F.composition_lines(
-                counts, timepoints, comp, q_threshold=thr, max_panels=rc.max_panels
+                counts, timepoints, relative, q_threshold=thr, max_panels=rc.max_panels
             ),
         )
     else:
         s.note("tables/cell_type_counts.tsv is absent: no composition plot.", kind="missing")
-    if comp is not None:
+    if relative is not None and len(relative):
         s.table(
             _table(
-                comp.sort_values("q_value", na_position="last"),
-                caption=f"Composition tests per contrast (tables/composition.tsv; highlighted: q < {thr:g})",
+                relative.sort_values("q_value", na_position="last"),
+                _COMPOSITION_SHOWN,
+                caption=(
+                    f"Cell-type shares, question: {_questions(relative)} (tables/composition.tsv; effect "
+                    f"on the {_scales(relative)} scale, direction from the change of the mean "
+                    f"share; {_caption_rule(rules, 'composition', relative)}; highlighted: q < {thr:g})"
+                ),
                 q_threshold=thr,
             )
         )
+    elif comp is not None:
+        s.note("tables/composition.tsv has no cell-type rows: no type was tested.", kind="missing")
     else:
         s.note("tables/composition.tsv is absent: composition was not tested.", kind="missing")
+    if comp is not None:
+        where = (
+            "The absolute-abundance table below (cells per µL) says which types changed in number."
+            if absolute is not None and len(absolute)
+            else "Which types changed in number needs absolute counts: give each sample's cells "
+            "per µL (e.g. lymphocytes + monocytes from the blood count) in the covariates file "
+            "and name its column in differential.absolute_total_column."
+        )
+        s.note(
+            "Shares are relative: when one type rises, the other types' shares fall even if their "
+            f"numbers did not change, so a type can be 'down' here without losing cells. {where}"
+        )
+    if ratios is not None and len(ratios):
+        s.table(
+            _table(
+                ratios.sort_values("q_value", na_position="last"),
+                _COMPOSITION_SHOWN,
+                caption=(
+                    f"Log-ratios of type groups, question: {_questions(ratios)} (tables/composition.tsv; "
+                    "mean_prop_*: the numerator's share of numerator + denominator; effect on "
+                    f"the {_scales(ratios)} scale; {_caption_rule(rules, 'composition', ratios)}; "
+                    f"highlighted: q < {thr:g})"
+                ),
+                q_threshold=thr,
+            )
+        )
+    if absolute is not None and len(absolute):
+        s.table(
+            _table(
+                absolute.sort_values("q_value", na_position="last"),
+                _ABSOLUTE_SHOWN,
+                caption=(
+                    f"Cells per µL, question: {_questions(absolute)} (tables/composition_absolute.tsv; "
+                    f"effect on the {_scales(absolute)} scale, direction from the change of the "
+                    f"mean cells per µL; {_caption_rule(rules, 'composition_absolute')}; "
+                    f"highlighted: q < {thr:g})"
+                ),
+                q_threshold=thr,
+            )
+        )
+    elif absolute is not None:
+        s.note(
+            "tables/composition_absolute.tsv has no rows: no type had enough samples with an "
+            "absolute total (see tables/differential_dropped.tsv).",
+            kind="missing",
+        )
+    else:
+        s.note(
+            "tables/composition_absolute.tsv is absent: absolute abundance (cells per µL) was not "
+            "tested (differential.absolute_total_column not set).",
+            kind="missing",
+        )
     clusters = tables.get("cell_type_clusters")
     if clusters is not None:
         s.table(
@@ -837,6 +1585,14 @@ def build_report(
     means = tables.get("signature_means")
     shifts = tables.get("signature_shifts")
     coverage = tables.get("signature_coverage")
+    shift_fam = _families(shifts) if shifts is not None else pd.Series(dtype=str)
+    control_shifts = (
+        shifts.loc[shift_fam.isin(CONTROL_FAMILIES).to_numpy()] if shifts is not None else None
+    )
+    programme_shifts = (
+        shifts.loc[~shift_fam.isin(CONTROL_FAMILIES).to_numpy()] if shifts is not None else None
+    )
+    controls = _control_signatures(coverage, control_shifts)
     if coverage is not None:
         figs.add(
             s,
@@ -849,6 +1605,7 @@ def build_report(
                 coverage,
                 [
                     "signature",
+                    "role",
                     "source",
                     "n_genes",
                     "n_found",
@@ -857,7 +1614,8 @@ def build_report(
                     "aliases_used",
                     "status",
                 ],
-                caption="Gene coverage per set (tables/signature_coverage.tsv)",
+                caption="Gene coverage per set (tables/signature_coverage.tsv; role: programme, "
+                "or control for a sample-handling control)",
                 collapsed=True,
             )
         )
@@ -874,17 +1632,29 @@ def build_report(
                 .min()
             )
             sig_names.sort(
-                key=lambda n: best.get(n, np.inf) if pd.notna(best.get(n, np.nan)) else np.inf
+                key=lambda n: (
+                    n in controls,
+                    best.get(n, np.inf) if pd.notna(best.get(n, np.nan)) else np.inf,
+                )
             )
-            s.note("Signatures in order of their smallest q-value (most significant shift first).")
+            s.note(
+                "Signatures in order of their smallest q-value (most significant shift first; "
+                "sample-handling controls last)."
+            )
         for sig in sig_names:
+            role = (
+                " A sample-handling control: a difference between timepoints is a handling "
+                "difference, not a finding (see Sample-handling control below)."
+                if sig in controls
+                else ""
+            )
             figs.add(
                 s,
                 f"signature_means_{sig}",
                 f"{sig}: mean score of each donor's cells per cell type and timepoint (grey: one line "
                 f"per donor, paired across timepoints; black: their mean; faint dotted: donor x "
                 f"timepoint means with too few cells, left out of the tests). Titles: paired-test q "
-                f"per contrast (* q < {thr:g}, ** q < {thr / 10:g}).",
+                f"per contrast (* q < {thr:g}, ** q < {thr / 10:g}, within its FDR family).{role}",
                 lambda sig=sig: F.paired_means(
                     means, sig, timepoints, shifts, q_threshold=thr, max_panels=rc.max_panels
                 ),
@@ -893,12 +1663,23 @@ def build_report(
         s.note(
             "tables/signature_means.tsv is absent: no per-donor signature means.", kind="missing"
         )
+    _sample_handling_block(
+        s, figs, tables.get("sample_handling"), controls, control_shifts, rules, timepoints, thr
+    )
 
     # 6 differential -------------------------------------------------------------
     s = sections["differential"]
-    if shifts is not None:
+    s.heading("How to read the q-values")
+    s.items(
+        "Each q-value is a Benjamini–Hochberg q within one FDR family, stated per table from the "
+        "table's family column (each rule checked by recomputing BH from p_value); a q-value "
+        "controls the false discovery rate of its family only.",
+        _fdr_items(rules, tables),
+    )
+    if programme_shifts is not None and len(programme_shifts):
         use_dz = (
-            "dz" in shifts.columns and pd.to_numeric(shifts["dz"], errors="coerce").notna().any()
+            "dz" in programme_shifts.columns
+            and pd.to_numeric(programme_shifts["dz"], errors="coerce").notna().any()
         )
         value, label = (
             ("dz", "paired effect size dz") if use_dz else ("effect", "mean score difference")
@@ -907,18 +1688,27 @@ def build_report(
             s,
             "signature_shift_heatmap",
             f"Signature shifts per contrast: colour = {label} (test minus reference, per donor), "
-            f"* q < {thr:g}, ** q < {thr / 10:g} (BH over cell types × signatures). Grey: not tested.",
+            f"* q < {thr:g}, ** q < {thr / 10:g} within the pair's FDR family "
+            f"({_caption_rule(rules, 'signature_shifts', programme_shifts)}). Grey: not tested. Sample-handling "
+            "controls are in section 5.",
             lambda: F.effect_heatmap(
-                shifts, value=value, value_label=label, contrasts=contrasts, q_threshold=thr
+                programme_shifts,
+                value=value,
+                value_label=label,
+                contrasts=contrasts,
+                q_threshold=thr,
             ),
         )
         s.table(
             _table(
-                shifts.sort_values("q_value", na_position="last"),
+                programme_shifts.assign(
+                    _rank=_families(programme_shifts).map(lambda f: _FAMILY_RANK.get(f, 3))
+                ).sort_values(["_rank", "q_value"], na_position="last"),
                 [
                     "contrast",
                     "cell_type",
                     "signature",
+                    "family",
                     "test",
                     "n_donors",
                     "mean_reference",
@@ -930,15 +1720,61 @@ def build_report(
                     "p_value",
                     "q_value",
                     "p_wilcoxon",
+                    "method",
                     "donors_dropped",
                 ],
-                caption=f"Signature shifts (tables/signature_shifts.tsv; highlighted: q < {thr:g})",
+                caption=(
+                    "Signature shifts (tables/signature_shifts.tsv; "
+                    f"{_caption_rule(rules, 'signature_shifts', programme_shifts)}; primary family first; "
+                    f"highlighted: q < {thr:g})"
+                ),
                 q_threshold=thr,
                 collapsed=True,
             )
         )
+    elif shifts is not None:
+        s.note(
+            "tables/signature_shifts.tsv has no programme rows: no signature was tested.",
+            kind="missing",
+        )
     else:
         s.note("tables/signature_shifts.tsv is absent: signatures were not tested.", kind="missing")
+    s.heading("Global test across timepoints")
+    glob = tables.get("signature_global")
+    if glob is not None and len(glob):
+        tps = ", ".join(pd.unique(glob["timepoints"].astype(str))) if "timepoints" in glob else ""
+        s.note(
+            "Does the donor-mean score differ between any of the timepoints "
+            f"({tps}), within donors? Hotelling's T² on each donor's differences from the first "
+            "timepoint (exact F, no sphericity assumed; donors with every timepoint). A small q "
+            "says the timepoints differ somewhere; the pairwise contrasts say where."
+        )
+        s.table(
+            _table(
+                glob.assign(
+                    _rank=_families(glob).map(lambda f: _FAMILY_RANK.get(f, 3))
+                ).sort_values(["_rank", "q_value"], na_position="last"),
+                list(_GLOBAL_SHOWN),
+                caption=(
+                    "Global tests (tables/signature_global.tsv; "
+                    f"{_caption_rule(rules, 'signature_global')}; highlighted: q < {thr:g})"
+                ),
+                q_threshold=thr,
+                collapsed=True,
+            )
+        )
+    elif glob is not None:
+        s.note(
+            "tables/signature_global.tsv has no rows: fewer than 3 timepoints with samples, or no "
+            "cell type with enough donors sampled at every timepoint.",
+            kind="missing",
+        )
+    else:
+        s.note(
+            "tables/signature_global.tsv is absent: no global test across timepoints "
+            "(differential.global_test off, or a run before it existed).",
+            kind="missing",
+        )
     s.heading("Pseudobulk differential expression")
     de_summary = tables.get("pseudobulk_de_summary")
     if pseudobulk_obs is not None and len(pseudobulk_obs):
@@ -953,7 +1789,8 @@ def build_report(
             figs.add(
                 s,
                 f"volcano_{con}",
-                f"Pseudobulk DE, {_contrast_label(con)}: one panel per tested cell type; red: q < {thr:g}.",
+                f"Pseudobulk DE, {_contrast_label(con)}: one panel per tested cell type; red: "
+                f"q < {thr:g} (BH over the genes of one cell type and contrast).",
                 lambda pairs=pairs, con=con: F.volcano_grid(
                     pairs, title=_contrast_label(con), q_threshold=thr, max_panels=rc.max_panels
                 ),
@@ -970,28 +1807,57 @@ def build_report(
         )
     s.heading("Signature enrichment in the DE results")
     enr = tables.get("signature_enrichment")
-    if enr is not None:
+    if enr is not None and len(enr):
+        cal = calibrated_mask(enr)
+        methods = ", ".join(pd.unique(enr["method"].astype(str))) if "method" in enr else "ulm"
+        shown = enrichment_for_heatmap(enr)
+        if cal.any():
+            star = (
+                f"* q < {thr:g}, ** q < {thr / 10:g} within its FDR family "
+                f"({_caption_rule([r for r in rules if r.calibrated], 'signature_enrichment')})"
+            )
+        else:
+            star = (
+                "no stars: no calibrated method in this table (ULM ignores inter-gene correlation)"
+            )
+        shown_method = (
+            ", ".join(pd.unique(shown["method"].astype(str))) if "method" in shown else "ulm"
+        )
         figs.add(
             s,
             "signature_enrichment_heatmap",
-            f"Enrichment of each signature in the pseudobulk DE statistics: colour = score, "
-            f"* q < {thr:g}, ** q < {thr / 10:g}.",
+            f"Enrichment of each signature in the pseudobulk DE statistics ({shown_method}): "
+            f"colour = score, {star}.",
             lambda: F.effect_heatmap(
-                enr,
+                shown,
                 value="score",
                 value_label="enrichment score",
                 contrasts=contrasts,
                 q_threshold=thr,
             ),
         )
+        if (~cal).any():
+            s.note(
+                "ULM rows (calibrated = False) assume independent genes: ULM ignores the "
+                "inter-gene correlation of co-regulated programmes, so its p- and q-values are "
+                "too small; they are never starred, highlighted or listed as findings."
+            )
         s.table(
             _table(
-                enr.sort_values("q_value", na_position="last"),
-                caption="tables/signature_enrichment.tsv",
+                enr.sort_values(["method", "q_value"] if "method" in enr else "q_value",
+                                na_position="last"),
+                caption=(
+                    f"Signature enrichment ({methods}; tables/signature_enrichment.tsv; "
+                    f"{_caption_rule(rules, 'signature_enrichment')}; highlighted: q < {thr:g}, "
+                    "calibrated rows only)"
+                ),
                 q_threshold=thr,
                 collapsed=True,
             )
-        )
+        )  # fmt: skip
+    elif enr is not None:
+        s.note("tables/signature_enrichment.tsv has no rows: no enrichment was computed.",
+               kind="missing")  # fmt: skip
     else:
         s.note(
             "tables/signature_enrichment.tsv is absent: no enrichment was computed.", kind="missing"
@@ -999,16 +1865,37 @@ def build_report(
     s.heading("Covariate associations")
     cov = tables.get("covariate_associations")
     if cov is not None and len(cov):
+        has_comp = "component" in cov.columns
+        adjusted = (
+            ", ".join(pd.unique(cov["adjusted_for"].astype(str))) if "adjusted_for" in cov else ""
+        )
+        adj_txt = f"adjusted for: {adjusted}" if adjusted else "adjustment not recorded"
         figs.add(
             s,
             "covariate_associations",
-            f"Covariate associations with the smallest q (red: q < {thr:g}); slope with 95% CI.",
+            f"Covariate associations with the smallest q (red: q < {thr:g} within the row's FDR "
+            f"family); slope with 95% CI; {adj_txt}. "
+            + (
+                "Each row is labelled with its component: within (slope on the donor-centred "
+                "covariate: does a donor's score follow their own covariate at equal timepoints, "
+                "the primary question) or between (slope on the donor means: compares donors, "
+                "open to donor-level confounding)."
+                if has_comp
+                else "No component column: slopes mix within- and between-donor variation."
+            ),
             lambda: F.covariate_forest(cov, q_threshold=thr),
         )
         s.table(
             _table(
-                cov.sort_values("q_value", na_position="last"),
-                caption="tables/covariate_associations.tsv",
+                cov.sort_values(
+                    ["component", "q_value"] if has_comp else "q_value",
+                    ascending=[False, True] if has_comp else True,
+                    na_position="last",
+                ),
+                caption=(
+                    f"tables/covariate_associations.tsv ({adj_txt}; "
+                    f"{_caption_rule(rules, 'covariate_associations')}; highlighted: q < {thr:g})"
+                ),
                 q_threshold=thr,
                 collapsed=True,
             )

@@ -199,7 +199,7 @@ def run_report(
     )
     n_findings = {
         kind: sum(len(v[kind]) for v in rendered.findings.values())
-        for kind in ("signature", "composition", "de")
+        for kind in ("signature", "composition", "composition_absolute", "enrichment", "de")
     }
     adata.uns.setdefault(keys.UNS, {})["report"] = {
         "html": "report.html",
