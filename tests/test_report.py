@@ -1012,3 +1012,27 @@ def test_report_figures_report_progress(tmp_path, monkeypatch):
     assert said[-1].startswith(f"report figures: figure {n}/{n} (100%)")
     # the figures are the same, in the same order, as the HTML names them
     assert _figure_names(rep.html) == list(rep.figures)
+
+
+def test_outputs_doc_lists_every_column_of_the_differential_tables():
+    """docs/outputs.md names each column of the tables the report reads, in its table's section."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    shapes = {
+        "signature_shifts": SHIFT_COLUMNS,
+        "signature_means": MEANS_COLUMNS,
+        "signature_global": GLOBAL_COLUMNS,
+        "signature_enrichment": ENRICHMENT_COLUMNS,
+        "composition": COMPOSITION_COLUMNS,
+        "composition_absolute": ABSOLUTE_COLUMNS,
+        "covariate_associations": COVARIATE_COLUMNS,
+        "sample_handling": ("sample", "donor", "timepoint", "n_cells", "<control>_<lineage>"),
+        "signature_coverage": ("role", "status"),
+    }
+    for name, columns in shapes.items():
+        m = re.search(rf"^##+ `tables/{name}\.tsv`.*?(?=^##)", doc, flags=re.S | re.M)
+        assert m, name
+        missing = [c for c in columns if f"`{c}`" not in m.group(0)]
+        assert not missing, (name, missing)
+        # each table with q-values says its FDR family
+        if "q_value" in columns:
+            assert "BH" in m.group(0) and "`family`" in m.group(0), name
