@@ -689,6 +689,14 @@ def test_control_family_never_in_key_findings(tmp_path):
     listed = [x for con in f.values() for k in ("signature", "enrichment") for x in con[k]]
     assert listed and all(x.what != CONTROL and x.family != "control" for x in listed)
     assert all(CONTROL not in x.text for x in listed)
+    # a table without families: the coverage table's role still keeps the control out
+    old = ReportTables(
+        {"signature_shifts": sh.drop(columns="family"),
+         "signature_coverage": tables.get("signature_coverage")}
+    )  # fmt: skip
+    f = key_findings(old, q_threshold=0.1, max_findings=50)
+    listed = [x for con in f.values() for x in con["signature"]]
+    assert listed and all(x.what != CONTROL for x in listed)
 
 
 def test_family_note_matches_the_families_in_the_tables(stage_run, tmp_path):
@@ -837,28 +845,24 @@ def test_new_sections_render(stage_run):
 
 def test_missing_optional_tables_are_stated(tmp_path):
     adata, prov = write_synthetic_run(tmp_path, covariates=False)
-    (tmp_path / "tables" / "signature_enrichment.tsv").unlink()
+    for name in (
+        "signature_enrichment",
+        "signature_global",
+        "composition_absolute",
+        "sample_handling",
+    ):
+        (tmp_path / "tables" / f"{name}.tsv").unlink()  # fmt: skip
     cfg = load_config(None, {"report": {"figure_format": "svg", "dpi": 60}})
     rep = build_report(adata, read_tables(tmp_path / "tables"), prov, cfg)
     assert "No covariate associations: no covariate was given" in rep.html
     assert "tables/signature_enrichment.tsv is absent" in rep.html
     assert "covariate_associations.svg" not in rep.figures
     # the new tables, absent
-    (tmp_path / "tables" / "signature_global.tsv").unlink()
-    (tmp_path / "tables" / "composition_absolute.tsv").unlink()
-    (tmp_path / "tables" / "sample_handling.tsv").unlink()
-    rep = build_report(adata, read_tables(tmp_path / "tables"), prov, cfg)
     assert "tables/signature_global.tsv is absent" in rep.html
     assert "tables/composition_absolute.tsv is absent" in rep.html
     assert "tables/sample_handling.tsv is absent" in rep.html
     assert "needs absolute counts" in rep.html  # the relative caveat says how to get them
     assert "sample_handling.svg" not in rep.figures
-    # ... and present without rows (two timepoints: no global test)
-    pd.DataFrame(columns=list(GLOBAL_COLUMNS)).to_csv(
-        tmp_path / "tables" / "signature_global.tsv", sep="\t", index=False
-    )
-    rep = build_report(adata, read_tables(tmp_path / "tables"), prov, cfg)
-    assert "tables/signature_global.tsv has no rows: fewer than 3 timepoints" in rep.html
     # svg: inline vectors, no <img>
     assert rep.figures and all(n.endswith(".svg") for n in rep.figures)
     assert "<img" not in rep.html and rep.html.count("<svg") >= len(rep.figures)
@@ -868,12 +872,18 @@ def test_partial_run_without_score_and_differential(tmp_path):
     adata, prov = write_synthetic_run(tmp_path, only=UPSTREAM_TABLES)
     for k in [c for c in adata.obs.columns if c.startswith("score_")]:
         del adata.obs[k]
+    # a table written without rows (two timepoints: no global test) is said to be empty
+    pd.DataFrame(columns=list(GLOBAL_COLUMNS)).to_csv(
+        tmp_path / "tables" / "signature_global.tsv", sep="\t", index=False
+    )
     rep = build_report(
         adata, read_tables(tmp_path / "tables"), prov, load_config(None, {"report": {"dpi": 60}})
     )
     assert "No differential results in this run" in rep.html
     assert "tables/signature_shifts.tsv is absent" in rep.html
     assert "No pseudobulk DE tables" in rep.html
+    assert "tables/signature_global.tsv has no rows: fewer than 3 timepoints" in rep.html
+    assert "tables/sample_handling.tsv is absent" in rep.html
     assert rep.findings == {}
     for sid in SECTION_IDS:
         assert f'<section id="{sid}"' in rep.html

@@ -1106,7 +1106,10 @@ def sample_handling(
     if not cols:
         _empty(axes[0], "no sample-handling control column")
     for ax, col in zip(axes, cols, strict=False):
-        wide = handling.assign(_v=pd.to_numeric(handling[col], errors="coerce")).pivot_table(
+        wide = handling.assign(
+            _v=pd.to_numeric(handling[col], errors="coerce"),
+            **{keys.TIMEPOINT: handling[keys.TIMEPOINT].astype(str)},
+        ).pivot_table(
             index=keys.DONOR, columns=keys.TIMEPOINT, values="_v", aggfunc="mean", observed=True
         )
         _paired_panel(ax, wide, timepoints, title=str(col), ylabel="mean score")

@@ -584,7 +584,12 @@ def key_findings(
 
     shifts = tables.get("signature_shifts")
     if shifts is not None:
-        shifts = shifts.loc[~_families(shifts).isin(CONTROL_FAMILIES).to_numpy()]
+        # the control family, and control-role signatures of a table without families
+        roles = _control_signatures(tables.get("signature_coverage"), None)
+        control = _families(shifts).isin(CONTROL_FAMILIES) | shifts["signature"].astype(str).isin(
+            roles
+        )
+        shifts = shifts.loc[~control.to_numpy()]
     for con, g in per_contrast(shifts):
         s, sig = tested(con, "signature", g)
         for r in sig.head(max_findings).itertuples(index=False):
