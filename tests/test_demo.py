@@ -200,13 +200,18 @@ def test_planted_effects_visible_in_raw_data(cells, truth: dict) -> None:
         s = _score(cells, ct, progs["nfkb_inflammation"]["genes"])
         d = (s["acute"] - s["baseline"]).dropna()
         assert (d > 0).mean() >= 0.75 and d.median() > 0.3, (ct, d)
-    # negative controls (abundant types, so the ci size has cells enough): no consistent shift
+    # negative controls (abundant types, so the ci size has cells enough): no consistent
+    # shift. The bound is the median's own sampling error (a normal median's standard
+    # error is 1.2533 sd / sqrt(n)) times 4: a handful of cells per donor at the ci size
+    # makes a fixed bound fail by chance (seen once in 80 checks over five seeds).
     for ct in ("CD4 naive T", "CD4 memory T"):
         for prog in ("ifn_type1", "tbk1_sting", "nfkb_inflammation"):
             s = _score(cells, ct, progs[prog]["genes"])
             for tp in ("acute", "longterm"):
                 d = (s[tp] - s["baseline"]).dropna()
-                assert 0.15 <= (d < 0).mean() <= 0.85 and abs(d.median()) < 0.1, (ct, prog, tp, d)
+                bound = 4 * 1.2533 * d.std() / np.sqrt(len(d))
+                assert 0.15 <= (d < 0).mean() <= 0.85, (ct, prog, tp, d)
+                assert abs(d.median()) < bound, (ct, prog, tp, d, bound)
 
 
 def test_composition_effects_visible(cells) -> None:
