@@ -427,8 +427,14 @@ class IntegrateConfig(_Section):
     batch_key: str = Field(
         default="sample",
         description=(
-            "obs column scVI corrects for (a sequencing batch, the sample, ...). Never 'timepoint': "
-            "correcting on the variable under test erases the effect the study looks for."
+            "obs column scVI corrects for (a sequencing batch, the sample, ...). Default 'sample': "
+            "each sample is its own library, so its technical effects (and the donor's) are "
+            "removed; measured on the demo with a cell state present at one timepoint only "
+            "(benchmarks/batch_key.py, benchmarks/RESULTS.md), 'sample' keeps that state as its "
+            "own cluster, with its labels and the composition call, as well as 'donor' does, and "
+            "both remove donor and sample structure equally, while 'donor' would leave per-sample "
+            "technical effects in. Never 'timepoint': correcting on the variable under test "
+            "erases the effect the study looks for."
         ),
     )
     categorical_covariates: list[str] = Field(
