@@ -151,6 +151,10 @@ def test_truth_json(truth: dict) -> None:
     }
     assert all(status[k] == "planted" for k in planted)
     assert all(v == "null" for (_, ct, _), v in status.items() if ct in neg)
+    # 'state': only the transient state's type and timepoint, where its genes may be controls
+    st = truth["transient_state"]
+    state_pairs = {(c, ct) for (c, ct, _), v in status.items() if v == "state"}
+    assert state_pairs == {(f"{st['timepoint']}_vs_baseline", st["cell_type"])}
     assert abs(sum(truth["base_proportions"].values()) - 1) < 1e-4
     assert sum(s["n_cells"] for s in truth["samples"]) == truth["n_cells"]
 

@@ -245,9 +245,18 @@ def _transient_truth(cohort: sim.Cohort, per_sample: list[dict[str, Any]]) -> di
 
 
 def _programme_effects(cohort: sim.Cohort, sets: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """Expected mean log2 fold change of every contrast x cell type x gene set."""
+    """Expected mean log2 fold change of every contrast x cell type x gene set.
+
+    ``status``: ``planted``; ``overlap`` (the set shares genes with a planted
+    effect); ``state`` (no gene of the set moves, but the type's cells at that
+    timepoint include the transient state, whose genes a relative score such
+    as scanpy's ``score_genes`` may draw as control genes: a score shift there
+    is not evidence against the method); ``null``.
+    """
     idx = {s: i for i, s in enumerate(cohort.genes["symbol"])}
     planted = {(tp, ct, prog) for tp, ct, prog, _ in sim.PLANTED_EFFECTS}
+    st = cohort.transient_state
+    state_at = set() if st is None else {(st.timepoint, st.cell_type)}
     effects = _effect_log2fc(cohort)
     out = []
     for tp in sim.TIMEPOINTS[1:]:
@@ -259,7 +268,9 @@ def _programme_effects(cohort: sim.Cohort, sets: dict[str, list[str]]) -> list[d
                 status = (
                     "planted"
                     if (tp, ct.name, name) in planted
-                    else ("overlap" if n_aff else "null")
+                    else (
+                        "overlap" if n_aff else ("state" if (tp, ct.name) in state_at else "null")
+                    )
                 )
                 out.append(
                     {
