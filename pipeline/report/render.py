@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .. import keys
+from ..stages.differential.shifts import GLOBAL_COLUMNS
 from . import figures as F
 
 if TYPE_CHECKING:
@@ -1011,20 +1012,6 @@ _ABSOLUTE_SHOWN = (
     "p_wilcoxon",
     "note",
 )
-_GLOBAL_SHOWN = (
-    "cell_type",
-    "signature",
-    "family",
-    "n_donors",
-    "timepoints",
-    "statistic",
-    "df1",
-    "df2",
-    "p_value",
-    "q_value",
-    "method",
-    "note",
-)
 
 
 def _unique_text(df: pd.DataFrame, column: str, default: str) -> str:
@@ -1759,7 +1746,7 @@ def build_report(
                 glob.assign(
                     _rank=_families(glob).map(lambda f: _FAMILY_RANK.get(f, 3))
                 ).sort_values(["_rank", "q_value"], na_position="last"),
-                list(_GLOBAL_SHOWN),
+                list(GLOBAL_COLUMNS),
                 caption=(
                     "Global tests (tables/signature_global.tsv; "
                     f"{_caption_rule(rules, 'signature_global')}; highlighted: q < {thr:g})"
