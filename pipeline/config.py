@@ -612,6 +612,17 @@ class ScoreConfig(_Section):
     )
 
 
+#: Default primary programmes of CD4 and CD8 T cells (``differential.primary``).
+_T_CELL_PRIMARY = (
+    "tbk1_sting",
+    "ifn_type1",
+    "nfkb_inflammation",
+    "senescence_core",
+    "t_exhaustion",
+    "t_naive",
+)
+
+
 class DifferentialConfig(_Section):
     """Differential testing across timepoints per cell type (``differential`` stage)."""
 
@@ -790,22 +801,8 @@ class DifferentialConfig(_Section):
     )
     primary: dict[str, list[str]] | None = Field(
         default_factory=lambda: {
-            "T_CD4": [
-                "tbk1_sting",
-                "ifn_type1",
-                "nfkb_inflammation",
-                "senescence_core",
-                "t_exhaustion",
-                "t_naive",
-            ],
-            "T_CD8": [
-                "tbk1_sting",
-                "ifn_type1",
-                "nfkb_inflammation",
-                "senescence_core",
-                "t_exhaustion",
-                "t_naive",
-            ],
+            "T_CD4": list(_T_CELL_PRIMARY),
+            "T_CD8": list(_T_CELL_PRIMARY),
             "T_other": ["tbk1_sting", "ifn_type1", "nfkb_inflammation"],
             "NK": ["tbk1_sting", "ifn_type1", "nfkb_inflammation", "senescence_core"],
             "B": ["tbk1_sting", "ifn_type1", "nfkb_inflammation"],

@@ -87,27 +87,13 @@ COMPOSITION_COLUMNS = (
     "note",
     "effect_clr",
 )
+#: The absolute table: the relative table's columns (no ``effect_clr``) with the
+#: mean cells per uL at each timepoint after ``n_donors``.
 ABSOLUTE_COLUMNS = (
-    "contrast",
-    "cell_type",
-    "n_donors",
+    *COMPOSITION_COLUMNS[:3],
     "mean_per_ul_reference",
     "mean_per_ul_test",
-    "mean_prop_reference",
-    "mean_prop_test",
-    "effect",
-    "scale",
-    "ci_low",
-    "ci_high",
-    "p_value",
-    "q_value",
-    "family",
-    "kind",
-    "question",
-    "direction",
-    "dz",
-    "p_wilcoxon",
-    "note",
+    *(c for c in COMPOSITION_COLUMNS[3:] if c != "effect_clr"),
 )
 
 
